@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenet import data
+
+
+@pytest.fixture(scope="session")
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root holding verified real MNIST under `<root>/mnist/`, filled once per session.
+
+    Reuses $LENET_DATA_DIR when it is set, so that CI can keep one cache between runs. Point the code at it
+    with `monkeypatch.setenv("LENET_DATA_DIR", str(mnist_cache))`, or pass `mnist_cache / "mnist"` as
+    data_dir.
+    """
+    env = os.environ.get("LENET_DATA_DIR")
+    root = Path(env) if env else tmp_path_factory.mktemp("lenet-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LENET_DATA_DIR", str(root))
+        data.fetch("mnist")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> data.Dataset:
+    """A small, learnable, MNIST-shaped set: each class is a bright bar at its own place, plus noise."""
+    generator = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=generator, dtype=torch.uint8)
+        for digit in range(10):
+            images[labels == digit, 4 + 2 * digit : 6 + 2 * digit, 6:22] = 255
+        return images, labels
+
+    train_images, train_labels = make(640)
+    test_images, test_labels = make(200)
+    return data.Dataset(
+        "mnist",
+        data.DATASETS["mnist"].classes,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        "synthetic",
+    )

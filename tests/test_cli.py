@@ -1,0 +1,100 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lenet.cli import DATASET_CHOICES, MODEL_CHOICES
+
+
+def lenet(*args, env=None, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "lenet", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"lenet {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    code = "import sys, lenet.cli; lenet.cli.build_parser().format_help(); print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
+    started = time.perf_counter()
+    result = lenet("train", "--epochs", "many", check=False)
+    assert result.returncode == 2 and "--epochs: invalid int value" in result.stderr
+    assert time.perf_counter() - started < 5  # generous for a loaded CI machine; typically ~0.1 s
+    assert "summary" in lenet("--help").stdout
+
+
+def test_choices_match_the_library():
+    from lenet import data, models
+
+    assert set(MODEL_CHOICES) == set(models.MODEL_NAMES)
+    assert set(DATASET_CHOICES) == set(data.DATASETS)
+
+
+def test_summary_prints_the_tutorial_shapes():
+    out = lenet("summary", "--model", "classic").stdout
+    shapes = [line.split()[1] for line in out.splitlines()[2:-1]]
+    assert shapes == [
+        "6x28x28", "6x28x28", "6x14x14", "16x10x10", "16x10x10", "16x5x5",
+        "400", "120", "120", "84", "84", "10",
+    ]  # fmt: skip
+    assert out.splitlines()[-1].split() == ["total", "61,706"]
+
+
+def test_summary_with_another_batch_and_an_input_size_that_does_not_fit():
+    out = lenet("summary", "--model", "modern", "--batch", "2").stdout
+    assert "input 2x1x28x28" in out and "6x28x28" in out
+    result = lenet("summary", "--model", "classic", "--input-size", "32", "32", check=False)
+    assert result.returncode == 2
+    assert "--input-size: input 1x32x32 does not fit layer fc1" in result.stderr
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    result = lenet("evaluate", str(tmp_path / "missing.safetensors"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "missing.safetensors" in result.stderr
+
+
+@pytest.mark.real_data
+def test_data_train_evaluate_bench_end_to_end(tmp_path, mnist_cache):
+    env = {"LENET_DATA_DIR": str(mnist_cache), "LENET_OFFLINE": "1"}
+    info = json.loads(lenet("data", "info", env=env).stdout)
+    assert info["cached"] is True
+    fetched = json.loads(lenet("data", "fetch", env=env).stdout)
+    assert fetched["source"].startswith("cache")
+
+    run = tmp_path / "run"
+    train = lenet(
+        "train",
+        "--model",
+        "modern",
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "30",
+        "--out",
+        str(run),
+        env=env,
+    )
+    assert "test accuracy" in train.stdout and str(run / "last.safetensors") in train.stdout
+    assert (run / "metrics.jsonl").exists()
+
+    report = json.loads(lenet("evaluate", str(run / "last.safetensors"), "--json", env=env).stdout)
+    assert report["dataset"] == "mnist" and 0.5 < report["accuracy"] <= 1
+    assert len(report["confusion"]) == 10 and sum(map(sum, report["confusion"])) == 10_000
+    text = lenet("evaluate", str(run / "last.safetensors"), env=env).stdout
+    assert "precision" in text and "confusion matrix" in text
+
+    bench = json.loads(lenet("bench", "train", "--quick", "--json", env=env).stdout)
+    assert {"baseline_images_per_s", "images_per_s", "speedup", "eval_images_per_s"} <= set(bench)
+    assert bench["images_per_s"] > 0 and bench["baseline_images_per_s"] > 0
