@@ -4,10 +4,21 @@
 a float tensor, as torchvision's Resize + ToTensor do; a DataLoader with batch 256 and shuffle; Adam)
 against ours (batches sliced from in-memory uint8 tensors, normalised per batch, channels-last), both
 training `classic` at batch 256 on real MNIST, plus our evaluation throughput.
+
+`export`: single-image latency and batch throughput of ONNX Runtime (fp32 and int8) against PyTorch, for
+`classic` and `modern`, on the same number of threads.
+
+`predict`: one user image in process (PNG bytes -> preprocess -> predict, p50 and p99) against the
+tutorials' decode-resize-forward, and a folder of 10,000 PNGs through `lenet predict`'s path against the
+same work one file at a time.
+
+`serve`: requests per second and latency of `lenet serve` (its own process) under 32 concurrent clients
+(another process) POSTing real MNIST test PNGs, against GET /healthz on the same server.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -62,11 +73,12 @@ def _tutorial_images_per_s(dataset, steps: int) -> float:
 def _ours_images_per_s(dataset, steps: int) -> float:
     from lenet import data
     from lenet.models import classic
-    from lenet.train import train_step
+    from lenet.train import fast_cpu_module, train_step
 
     torch.manual_seed(0)
     model = classic().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = fast_cpu_module(model)
     generator = torch.Generator().manual_seed(0)
     mean, std = data.MNIST_MEAN, data.MNIST_STD
     batches = data.batches(
@@ -118,11 +130,375 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     return result
 
 
+def _latency_us(fn, calls: int) -> float:
+    """Median microseconds of one call, after a few warm-up calls."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1e6
+
+
+def _throughput(fn, images: int) -> float:
+    started = time.perf_counter()
+    fn()
+    return images / (time.perf_counter() - started)
+
+
+def bench_export(models: tuple[str, ...] = ("classic", "modern"), calls: int = 300, rounds: int = 3) -> dict:
+    """Single-image latency and throughput of PyTorch, ONNX Runtime fp32 and int8 on the same thread count.
+
+    Each path is what a user calls: PyTorch is predict.predict, ONNX Runtime is
+    export.OnnxModel.predict (normalisation inside the graph); throughput is over the 10,000 test images in
+    batches of 2000. The models are freshly initialised (seed 0): speed does not depend on the weights.
+    Best of alternating rounds, so a noisy moment hurts every backend alike.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from lenet import data, export
+    from lenet.models import build
+    from lenet.predict import predict
+
+    dataset = data.load("mnist")
+    images, pixels = dataset.test_images, dataset.test_images.numpy()  # (10000, 28, 28) uint8
+    calibration = dataset.train_images[: export.CALIBRATION_IMAGES].numpy()[:, None]
+    mean, std = data.MNIST_MEAN, data.MNIST_STD
+    threads = torch.get_num_threads()
+    result: dict = {"suite": "export", "threads": threads, "images": len(images), "batch_size": export.BATCH}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            torch.manual_seed(0)
+            model = build(name).eval()
+            meta = {
+                "model": {"name": name, "kwargs": {}},
+                "normalization": {"mean": mean, "std": std},
+                "input_shape": [1, 28, 28],
+                "dataset": "mnist",
+                "classes": list(dataset.classes),
+            }
+            fp32 = export.onnx_proto(model, meta, export.contract(meta, "untrained", ""))
+            backends = {"torch": lambda x, m=model: predict(m, x, mean, std)}
+            for backend, proto in (("onnx", fp32), ("int8", export.quantize_int8(fp32, calibration))):
+                path = Path(tmp) / f"{name}.{backend}.onnx"
+                path.write_bytes(proto.SerializeToString())
+                backends[backend] = export.OnnxModel(path, threads=threads).predict
+            inputs = {"torch": images, "onnx": pixels, "int8": pixels}
+            latency: dict[str, list[float]] = {b: [] for b in backends}
+            throughput: dict[str, list[float]] = {b: [] for b in backends}
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for backend, forward in backends.items():
+                        x = inputs[backend]
+                        latency[backend].append(_latency_us(lambda f=forward, x=x: f(x[:1]), calls))
+                        throughput[backend].append(_throughput(lambda f=forward, x=x: f(x), len(x)))
+            for backend in backends:
+                result[f"{name}_{backend}_latency_us"] = round(min(latency[backend]), 1)
+                result[f"{name}_{backend}_images_per_s"] = round(max(throughput[backend]), 1)
+            for backend in ("onnx", "int8"):
+                result[f"{name}_{backend}_latency_speedup"] = round(
+                    min(latency["torch"]) / min(latency[backend]), 2
+                )
+                result[f"{name}_{backend}_throughput_speedup"] = round(
+                    max(throughput[backend]) / max(throughput["torch"]), 2
+                )
+    return result
+
+
+def bench_predict(images: int = 10_000, calls: int = 2000, baseline_images: int = 2000) -> dict:
+    """`lenet predict`'s path against the naive one, on real MNIST test digits saved as PNG files.
+
+    Latency (p50, p99): one PNG's bytes -> preprocess -> predict, in this process, after warm-up, beside the
+    tutorials' path (decode, resize the whole image to 28x28, scale, forward). Folder: predict_files on
+    `images` PNG files (decoding and preprocessing in worker processes, their start included; forward passes
+    of imagefiles.CHUNK images), beside preprocess + predict one file at a time (timed on `baseline_images`).
+    `modern` with fresh weights (speed does not depend on them); ours folds its batch norms, as predict.load
+    does, the tutorials' path runs it as built.
+    """
+    import io
+    import itertools
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lenet import data
+    from lenet.models import build
+    from lenet.imagefiles import predict_files
+    from lenet.predict import classifier, fold_batch_norm, predict
+    from lenet.preprocess import preprocess
+
+    dataset = data.load("mnist")
+    torch.manual_seed(0)
+    built = build("modern").eval()
+    model = fold_batch_norm(built)
+    mean, std = data.MNIST_MEAN, data.MNIST_STD
+    blobs = []
+    for pixels in dataset.test_images[:images].numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+
+    def ours(source) -> None:
+        predict(model, preprocess(source)[None], mean, std)
+
+    @torch.no_grad()
+    def naive(blob: bytes) -> None:
+        image = Image.open(io.BytesIO(blob)).convert("L").resize((28, 28), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).sub_(mean).div_(std)
+        torch.softmax(built(x.view(1, 1, 28, 28)), 1)
+
+    latency: dict[str, list[float]] = {"naive": [], "ours": []}
+    for _ in range(2):  # alternate, so a noisy moment hurts both alike
+        for name, call in (("naive", naive), ("ours", ours)):
+            for blob in blobs[:20]:
+                call(blob)
+            for blob in itertools.islice(itertools.cycle(blobs), calls // 2):
+                started = time.perf_counter()
+                call(blob)
+                latency[name].append(time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [str(Path(folder) / f"{i:05d}.png") for i in range(len(blobs))]
+        for path, blob in zip(paths, blobs, strict=True):
+            Path(path).write_bytes(blob)
+        started = time.perf_counter()
+        for path in paths[:baseline_images]:
+            ours(path)
+        baseline_rate = min(baseline_images, len(paths)) / (time.perf_counter() - started)
+        rates = {}
+        for name, workers in (("in_process", 0), ("pool", None)):
+            started = time.perf_counter()
+            rows = list(predict_files(classifier(model, mean, std), paths, workers=workers))
+            done = sum("error" not in row for row in rows)
+            rates[name] = done / (time.perf_counter() - started)
+
+    def ms(name: str, q: float) -> float:
+        return round(float(np.percentile(latency[name], q)) * 1e3, 3)
+
+    return {
+        "suite": "predict",
+        "model": "modern",
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "images": len(blobs),
+        "p50_ms": ms("ours", 50),
+        "p99_ms": ms("ours", 99),
+        "baseline_p50_ms": ms("naive", 50),
+        "baseline_p99_ms": ms("naive", 99),
+        "folder_images_per_s": round(rates["pool"], 1),
+        "folder_in_process_images_per_s": round(rates["in_process"], 1),
+        "baseline_folder_images_per_s": round(baseline_rate, 1),
+        "folder_speedup": round(rates["pool"] / baseline_rate, 2),
+    }
+
+
+async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request on a kept-alive connection; (status, body) of the answer."""
+    writer.write(request)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("connection closed")
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(status_line.split()[1]), await reader.readexactly(length)
+
+
+async def _load(
+    port: int, method: str, path: str, bodies: list[bytes], total: int, clients: int, time_limit: float
+) -> dict:
+    """`clients` connections sending `total` requests between them (bodies in turn), for <= time_limit s."""
+    import asyncio
+
+    latencies: list[float] = []
+    failures = {"errors": 0}
+    sent = 0
+    deadline = time.perf_counter() + time_limit
+
+    def request(body: bytes) -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    requests = [request(body) for body in bodies]
+
+    async def client() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while sent < total and time.perf_counter() < deadline:
+            index, sent = sent, sent + 1
+            started = time.perf_counter()
+            try:
+                status, answer = await asyncio.wait_for(
+                    _exchange(reader, writer, requests[index % len(requests)]), deadline - started
+                )
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                failures["errors"] += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            latencies.append(time.perf_counter() - started)
+            failures["errors"] += status != 200 or not answer.startswith(b"{")
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.perf_counter() - started
+    return {"latencies": latencies, "errors": failures["errors"] + total - sent, "seconds": seconds}
+
+
+def _load_client(argv: list[str]) -> None:
+    """The load process: PORT METHOD PATH BODIES_FILE TOTAL CLIENTS TIME_LIMIT -> one JSON line on stdout.
+
+    BODIES_FILE holds the request bodies, each as a 4-byte little-endian length and the bytes. A warm-up of
+    2 requests per client runs first and is not counted.
+    """
+    import asyncio
+    import json
+    import struct
+    from pathlib import Path
+
+    port, method, path, bodies_file, total, clients, time_limit = argv
+    blob, bodies, offset = Path(bodies_file).read_bytes(), [], 0
+    while offset < len(blob):
+        (length,) = struct.unpack_from("<I", blob, offset)
+        bodies.append(blob[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    bodies = bodies or [b""]
+    clients_n = int(clients)
+    asyncio.run(_load(int(port), method, path, bodies, 2 * clients_n, clients_n, float(time_limit)))
+    result = asyncio.run(_load(int(port), method, path, bodies, int(total), clients_n, float(time_limit)))
+    latencies = np.array(result["latencies"]) * 1e3
+    print(
+        json.dumps(
+            {
+                "requests": len(latencies),
+                "errors": result["errors"],
+                "requests_per_s": round(len(latencies) / result["seconds"], 1),
+                "p50_ms": round(float(np.percentile(latencies, 50)), 2) if len(latencies) else None,
+                "p99_ms": round(float(np.percentile(latencies, 99)), 2) if len(latencies) else None,
+            }
+        )
+    )
+
+
+def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 120.0) -> dict:
+    """`lenet serve` under load: real MNIST test digits as PNG, POSTed by `clients` concurrent connections.
+
+    The server (`python -m lenet serve`, a fresh `modern` checkpoint: speed does not depend on the weights)
+    and the load (an asyncio HTTP/1.1 client, keep-alive) run in two processes of their own, over
+    127.0.0.1. Baseline, same run, same client: GET /healthz, the cost of HTTP in this server alone. Each
+    phase stops after `requests` requests or `time_limit` seconds; unanswered requests count as errors.
+    """
+    import io
+    import json
+    import socket
+    import struct
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lenet import checkpoint, data
+    from lenet.models import build
+
+    dataset = data.load("mnist")
+    bodies = []
+    for pixels in dataset.test_images[: min(requests, len(dataset.test_images))].numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        bodies.append(buffer.getvalue())
+    with socket.socket() as probe:  # a free port; the server binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = Path(folder) / "modern.safetensors"
+        torch.manual_seed(0)
+        meta = {
+            "model": {"name": "modern", "kwargs": {}},
+            "normalization": {"mean": data.MNIST_MEAN, "std": data.MNIST_STD},
+            "input_shape": [1, 28, 28],
+            "dataset": "mnist",
+            "classes": list(dataset.classes),
+        }
+        checkpoint.save(ckpt, build("modern").eval(), meta)
+        bodies_file = Path(folder) / "bodies.bin"
+        bodies_file.write_bytes(b"".join(struct.pack("<I", len(b)) + b for b in bodies))
+        empty_file = Path(folder) / "empty.bin"
+        empty_file.write_bytes(b"")
+        server_log = (Path(folder) / "server.log").open("wb")  # a file: a full pipe would stall it
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lenet", "serve", str(ckpt), "--port", str(port)],
+            env=env,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log = (Path(folder) / "server.log").read_text()
+                        raise RuntimeError(f"the server did not start: {log}") from None
+                    time.sleep(0.1)
+
+            def load(method: str, path: str, bodies_path: Path) -> dict:
+                argv = [str(port), method, path, str(bodies_path), *map(str, (requests, clients, time_limit))]
+                code = "import sys; from lenet.bench import _load_client; _load_client(sys.argv[1:])"
+                out = subprocess.run(
+                    [sys.executable, "-c", code, *argv],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=2 * time_limit + 60,
+                )
+                return json.loads(out.stdout)
+
+            baseline = load("GET", "/healthz", empty_file)
+            ours = load("POST", "/api/predict", bodies_file)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            server_log.close()
+    return {
+        "suite": "serve",
+        "model": "modern",
+        "clients": clients,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **ours,
+        "baseline": "GET /healthz, same server and client",
+        "baseline_requests_per_s": baseline["requests_per_s"],
+        "baseline_p50_ms": baseline["p50_ms"],
+        "baseline_p99_ms": baseline["p99_ms"],
+        "baseline_errors": baseline["errors"],
+        "predict_share_of_healthz_rate": round(ours["requests_per_s"] / baseline["requests_per_s"], 3),
+    }
+
+
 def run(suite: str, quick: bool = False) -> dict:
     if suite == "train":
         return bench_train(steps=5, rounds=1) if quick else bench_train()
+    if suite == "export":
+        return bench_export(("classic",), calls=30, rounds=1) if quick else bench_export()
+    if suite == "predict":
+        return bench_predict(images=600, calls=100, baseline_images=200) if quick else bench_predict()
+    if suite == "serve":
+        return bench_serve(requests=300, clients=8, time_limit=30) if quick else bench_serve()
     raise ValueError(f"unknown benchmark suite {suite!r}")
 
 
 def format_result(result: dict) -> str:
-    return "\n".join(f"{key:>24}: {value}" for key, value in result.items())
+    return "\n".join(f"{key:>32}: {value}" for key, value in result.items())

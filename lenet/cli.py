@@ -12,7 +12,7 @@ import sys
 
 from lenet.errors import LenetError
 
-MODEL_CHOICES = ("classic", "modern")
+MODEL_CHOICES = ("classic", "modern", "lenet5-1998", "lenet1", "lenet4")
 DATASET_CHOICES = ("mnist", "fashion-mnist")
 
 
@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         compile=args.compile,
         sync_batchnorm=args.sync_batchnorm,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        augment=args.augment,
+        loss=args.loss,
     )
     result = fit(cfg, log=lambda line: print(line, file=sys.stderr))
     if result.get("rank", 0) == 0:
@@ -84,6 +86,107 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "text"}))
     else:
         print(report["text"])
+        for path in report["plots"].values():
+            print(f"wrote {path}")
+    return 0
+
+
+def backend_of(model_path: str, backend: str) -> str:
+    """"auto" picks ONNX Runtime for .onnx files and PyTorch for checkpoints."""
+    if backend == "auto":
+        return "onnxruntime" if model_path.lower().endswith(".onnx") else "torch"
+    return backend
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lenet.imagefiles import expand_paths, predict_files, top_k
+
+    paths = expand_paths(args.paths)
+    if paths.count("-") > 1:
+        raise LenetError("-: stdin holds one image; name it once")
+    if backend_of(args.checkpoint, args.backend) == "onnxruntime":  # no torch needed on this path
+        from lenet.export import OnnxModel
+
+        onnx_model = OnnxModel(args.checkpoint)
+        classify, classes = onnx_model.predict, onnx_model.classes
+    else:
+        from lenet.predict import classifier, load
+
+        model, meta = load(args.checkpoint, args.device)
+        norm, classes = meta["normalization"], meta["classes"]
+        classify = classifier(model, norm["mean"], norm["std"])
+    if not 1 <= args.top_k <= len(classes):
+        raise LenetError(f"--top-k: expected 1 to {len(classes)}, got {args.top_k}")
+    failed = 0
+    rows = predict_files(classify, paths, invert=args.invert, workers=args.workers)
+    for row in rows:
+        error, probabilities = row.get("error"), row.get("probabilities")
+        best = top_k(probabilities, args.top_k, classes) if probabilities else []
+        failed += error is not None
+        if args.json:
+            digit = best[0][0] if best else None
+            fields = {"path": row["path"], "digit": digit, "probabilities": probabilities, "error": error}
+            if args.top_k > 1:
+                fields["top_k"] = best
+            print(json.dumps(fields))
+        elif error:
+            print(f"lenet: error: {error}", file=sys.stderr)
+        else:
+            print(f"{row['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in best))
+    return 1 if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lenet import plots
+    from lenet.predict import feature_maps, first_filters, load, predict
+    from lenet.preprocess import preprocess
+
+    model, meta = load(args.checkpoint, args.device, fold=False)
+    mean, std, classes = meta["normalization"]["mean"], meta["normalization"]["std"], meta["classes"]
+    name = "<stdin>" if args.image == "-" else args.image
+    image = preprocess(sys.stdin.buffer.read() if args.image == "-" else args.image, args.invert, name)
+    probabilities = predict(model, image[None], mean, std)[0].tolist()
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    title = f"{name}: {meta['model']['name']} says {classes[best]}"
+    maps = feature_maps(model, image, mean, std)
+    out = plots.explain(image, maps, first_filters(model), probabilities, classes, args.out, title=title)
+    print(f"{args.image}: {classes[best]} {probabilities[best]:.3f}; wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lenet import export
+
+    report = export.export(
+        args.checkpoint, args.format, out=args.out, quantize=args.quantize, data_dir=args.data_dir
+    )
+    print(json.dumps(report) if args.json else export.format_report(report))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from lenet import reproduce
+
+    path = reproduce.run(
+        args.name,
+        seeds=args.seeds,
+        smoke=args.smoke,
+        runs_dir=args.runs_dir,
+        out=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        resume=args.resume,
+        only=tuple(args.only) if args.only else None,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(f"report {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lenet.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, backend=args.backend)
     return 0
 
 
@@ -118,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size, split across torchrun processes")
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--schedule", choices=("constant", "step", "cosine", "one-cycle"))
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "sdlm"))
+    p.add_argument("--lr", type=float, help="peak learning rate (sdlm: the paper's per-sample eta)")
+    p.add_argument("--schedule", choices=("constant", "step", "cosine", "one-cycle", "lecun1998"))
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -133,7 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-batchnorm", action="store_true", help="under torchrun: batch norm over all processes"
     )
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--augment", choices=("none", "affine", "elastic"), help="random distortions per batch")
+    p.add_argument("--loss", choices=("cross-entropy", "map"), help="map: the 1998 paper's, for lenet5-1998")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reproduce", help="train published networks; write our numbers beside theirs")
+    p.add_argument("name", choices=("lecun1998", "d2l"))
+    p.add_argument("--seeds", type=int, default=1, help="runs per network (seeds 0..N-1)")
+    p.add_argument("--smoke", action="store_true", help="a few batches per run: checks the code path only")
+    p.add_argument("--runs-dir", default="runs/reproduce", help="one run folder per network and seed here")
+    p.add_argument("--out", help="report path (default docs/reproduce-NAME.md)")
+    p.add_argument("--only", nargs="+", metavar="KEY", help="train only these rows (e.g. lenet5 lenet1)")
+    p.add_argument("--resume", action="store_true", help="continue runs from their last checkpoints")
+    p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
@@ -143,8 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("export", help="ONNX or TorchScript, checked on the test set before it is written")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    p.add_argument("-o", "--out", help="output file (default: beside the checkpoint, e.g. best.onnx)")
+    p.add_argument("--quantize", choices=("int8",), help="ONNX only: int8 weights and activations")
+    p.add_argument("--data-dir", help="a folder holding the test set's IDX files (raw or .gz)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="digit and probabilities for each image (files, folders, globs, -)")
+    p.add_argument("checkpoint")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, globs; - reads stdin")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
+    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
+    p.add_argument("--workers", type=int, help="preprocessing processes (default: one per CPU if many)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="one figure: input, feature maps, filters and probabilities")
+    p.add_argument("checkpoint")
+    p.add_argument("image", help="an image file, or - for stdin")
+    p.add_argument("-o", "--out", default="explain.png", help="PNG to write (default explain.png)")
+    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="the draw-a-digit page and HTTP API (FastAPI + uvicorn)")
+    p.add_argument("checkpoint", help="a checkpoint (an .onnx export with --backend onnxruntime)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="speed, always beside a baseline measured in the same run")
-    p.add_argument("suite", choices=("train",))
+    p.add_argument("suite", choices=("train", "export", "predict", "serve"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer steps (for smoke tests)")
     p.set_defaults(func=cmd_bench)

@@ -46,3 +46,29 @@ def tiny_dataset() -> data.Dataset:
         test_labels,
         "synthetic",
     )
+
+
+@pytest.fixture(scope="session")
+def modern_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `modern` checkpoint trained on real MNIST with the default recipe cut to 2 epochs (~99% test acc)."""
+    from lenet.train import TrainConfig, fit
+
+    out = tmp_path_factory.mktemp("modern-run")
+    cfg = TrainConfig.for_model(
+        "modern", epochs=2, data_dir=str(mnist_cache / "mnist"), out=str(out), device="cpu"
+    )
+    fit(cfg, log=lambda _: None)
+    return out / "best.safetensors"
+
+
+@pytest.fixture(scope="session")
+def classic_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `classic` checkpoint trained briefly on real MNIST (1 epoch, ~96% test accuracy)."""
+    from lenet.train import TrainConfig, fit
+
+    out = tmp_path_factory.mktemp("classic-run")
+    cfg = TrainConfig.for_model(
+        "classic", epochs=1, data_dir=str(mnist_cache / "mnist"), out=str(out), device="cpu"
+    )
+    fit(cfg, log=lambda _: None)
+    return out / "best.safetensors"

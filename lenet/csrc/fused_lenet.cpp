@@ -1,0 +1,266 @@
+// Fused LeNet-5 ("classic") convolution stages for CPU training.
+//
+// Samples are processed in blocks of 8, one sample per SIMD lane (GCC/Clang vector extensions), so every
+// loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
+// in parallel with OpenMP. The maths is exactly the module's:
+//   conv1 (1->6, 5x5, pad 2) + bias -> sigmoid -> 2x2 average pool -> conv2 (6->16, 5x5) + bias -> sigmoid
+//   -> 2x2 average pool -> flatten (N, 400) in (channel, row, column) order.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <omp.h>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+constexpr int L = 8;  // samples per block (lanes)
+
+// Per-block sizes, in v8 elements.
+constexpr int XP = 32;                      // padded input side: 28 + 2 * 2
+constexpr int X_SIZE = XP * XP;             // (32, 32)
+constexpr int S1_SIZE = 6 * 28 * 28;        // (6, 28, 28) conv1 activations
+constexpr int P1_SIZE = 6 * 14 * 14;        // (6, 14, 14) pool1 output
+constexpr int S2_SIZE = 16 * 10 * 10;       // (16, 10, 10) conv2 activations
+constexpr int OUT = 16 * 5 * 5;             // 400 features
+constexpr int GP = 18;                      // conv2 output gradient padded by 4 on each side
+constexpr int W1N = 6 * 25, W2N = 16 * 150;
+
+inline v8 vexp(v8 x) {
+  // exp on [-87, 88]: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial for e^r, 2^n from the exponent bits.
+  const v8 lo = x - x - 87.0f, hi = x - x + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  v8 t = x * 1.44269504088896341f + magic;
+  v8 n = t - magic;
+  v8 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v8 p = 1.9875691500e-4f + r * 0;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  v8i bits = ((v8i)t << 23) + (127 << 23);
+  return p * (v8)bits;
+}
+
+inline v8 vsigmoid(v8 z) { return 1.0f / (1.0f + vexp(-z)); }
+
+// (N, 1, 28, 28) floats -> the block's zero-padded (32, 32) lanes; lanes past N stay zero.
+void load_input(const float* x, int64_t n0, int64_t n, v8* X) {
+  std::fill(X, X + X_SIZE, v8{});
+  for (int l = 0; l < L && n0 + l < n; ++l) {
+    const float* src = x + (n0 + l) * 784;
+    for (int y = 0; y < 28; ++y)
+      for (int c = 0; c < 28; ++c) X[(y + 2) * XP + c + 2][l] = src[y * 28 + c];
+  }
+}
+
+void pool(const v8* S, int channels, int side, v8* P) {
+  const int half = side / 2;
+  for (int c = 0; c < channels; ++c)
+    for (int py = 0; py < half; ++py)
+      for (int px = 0; px < half; ++px) {
+        const v8* s = S + (c * side + 2 * py) * side + 2 * px;
+        P[(c * half + py) * half + px] = 0.25f * (s[0] + s[1] + s[side] + s[side + 1]);
+      }
+}
+
+void forward_block(const v8* X, const float* w1, const float* b1, const float* w2, const float* b2, v8* S1,
+                   v8* P1, v8* S2, v8* P2) {
+  // conv1 + sigmoid: 3 channels x 4 columns of accumulators.
+  for (int y = 0; y < 28; ++y)
+    for (int x0 = 0; x0 < 28; x0 += 4)
+      for (int c0 = 0; c0 < 6; c0 += 3) {
+        v8 acc[3][4];
+        for (int c = 0; c < 3; ++c)
+          for (int i = 0; i < 4; ++i) acc[c][i] = v8{} + b1[c0 + c];
+        for (int ky = 0; ky < 5; ++ky) {
+          const v8* row = X + (y + ky) * XP + x0;
+          for (int kx = 0; kx < 5; ++kx)
+            for (int c = 0; c < 3; ++c) {
+              const float w = w1[(c0 + c) * 25 + ky * 5 + kx];
+              for (int i = 0; i < 4; ++i) acc[c][i] += w * row[i + kx];
+            }
+        }
+        for (int c = 0; c < 3; ++c)
+          for (int i = 0; i < 4; ++i) S1[((c0 + c) * 28 + y) * 28 + x0 + i] = vsigmoid(acc[c][i]);
+      }
+  pool(S1, 6, 28, P1);
+  // conv2 + sigmoid: 2 channels x 5 columns of accumulators.
+  for (int o0 = 0; o0 < 16; o0 += 2)
+    for (int y = 0; y < 10; ++y)
+      for (int x0 = 0; x0 < 10; x0 += 5) {
+        v8 acc[2][5];
+        for (int o = 0; o < 2; ++o)
+          for (int i = 0; i < 5; ++i) acc[o][i] = v8{} + b2[o0 + o];
+        for (int ic = 0; ic < 6; ++ic)
+          for (int ky = 0; ky < 5; ++ky) {
+            const v8* row = P1 + (ic * 14 + y + ky) * 14 + x0;
+            for (int kx = 0; kx < 5; ++kx)
+              for (int o = 0; o < 2; ++o) {
+                const float w = w2[(o0 + o) * 150 + ic * 25 + ky * 5 + kx];
+                for (int i = 0; i < 5; ++i) acc[o][i] += w * row[i + kx];
+              }
+          }
+        for (int o = 0; o < 2; ++o)
+          for (int i = 0; i < 5; ++i) S2[((o0 + o) * 10 + y) * 10 + x0 + i] = vsigmoid(acc[o][i]);
+      }
+  pool(S2, 16, 10, P2);
+}
+
+// Gradients of one block. dw1/db1/dw2/db2 are the thread's lane-wise accumulators.
+void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const v8* G2, const float* w2,
+                    v8* GZ2P, v8* GP1, v8* GZ1, v8* dw1, v8* db1, v8* dw2, v8* db2) {
+  // d(conv2 pre-activation), written into the interior of the zero-bordered (16, 18, 18) buffer.
+  for (int o = 0; o < 16; ++o)
+    for (int y = 0; y < 10; ++y)
+      for (int x = 0; x < 10; ++x) {
+        const v8 s = S2[(o * 10 + y) * 10 + x];
+        const v8 g = 0.25f * G2[o * 25 + (y / 2) * 5 + x / 2] * s * (1.0f - s);
+        GZ2P[(o * GP + y + 4) * GP + x + 4] = g;
+        db2[o] += g;
+      }
+  // dW2[o][ic][ky][kx] = sum_{y,x} gz2[o][y][x] * p1[ic][y+ky][x+kx]: 2 channels x 5 taps of accumulators.
+  for (int o0 = 0; o0 < 16; o0 += 2)
+    for (int ic = 0; ic < 6; ++ic)
+      for (int ky = 0; ky < 5; ++ky) {
+        v8 acc[2][5] = {};
+        for (int y = 0; y < 10; ++y) {
+          const v8* prow = P1 + (ic * 14 + y + ky) * 14;
+          const v8* g0 = GZ2P + ((o0 * GP) + y + 4) * GP + 4;
+          const v8* g1 = g0 + GP * GP;
+          for (int x = 0; x < 10; ++x)
+            for (int kx = 0; kx < 5; ++kx) {
+              acc[0][kx] += g0[x] * prow[x + kx];
+              acc[1][kx] += g1[x] * prow[x + kx];
+            }
+        }
+        for (int o = 0; o < 2; ++o)
+          for (int kx = 0; kx < 5; ++kx) dw2[(o0 + o) * 150 + ic * 25 + ky * 5 + kx] += acc[o][kx];
+      }
+  // d(pool1 output)[ic][py][px] = sum_{o,ky,kx} w2[o][ic][ky][kx] * gz2[o][py-ky][px-kx]; rows outside the
+  // gradient are skipped, columns read the zero border. 6 channels x 2 columns of accumulators.
+  for (int py = 0; py < 14; ++py) {
+    const int ky_lo = std::max(0, py - 9), ky_hi = std::min(4, py);
+    for (int px0 = 0; px0 < 14; px0 += 2) {
+      v8 acc[6][2] = {};
+      for (int o = 0; o < 16; ++o)
+        for (int ky = ky_lo; ky <= ky_hi; ++ky) {
+          const v8* g = GZ2P + (o * GP + py - ky + 4) * GP + px0 + 4;
+          const float* w = w2 + o * 150 + ky * 5;
+          for (int kx = 0; kx < 5; ++kx)
+            for (int ic = 0; ic < 6; ++ic) {
+              const float wv = w[ic * 25 + kx];
+              acc[ic][0] += wv * g[-kx];
+              acc[ic][1] += wv * g[1 - kx];
+            }
+        }
+      for (int ic = 0; ic < 6; ++ic) {
+        GP1[(ic * 14 + py) * 14 + px0] = acc[ic][0];
+        GP1[(ic * 14 + py) * 14 + px0 + 1] = acc[ic][1];
+      }
+    }
+  }
+  // d(conv1 pre-activation).
+  for (int c = 0; c < 6; ++c)
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x) {
+        const v8 s = S1[(c * 28 + y) * 28 + x];
+        const v8 g = 0.25f * GP1[(c * 14 + y / 2) * 14 + x / 2] * s * (1.0f - s);
+        GZ1[(c * 28 + y) * 28 + x] = g;
+        db1[c] += g;
+      }
+  // dW1[c][ky][kx] = sum_{y,x} gz1[c][y][x] * xpad[y+ky][x+kx]: 2 channels x 5 taps of accumulators.
+  for (int c0 = 0; c0 < 6; c0 += 2)
+    for (int ky = 0; ky < 5; ++ky) {
+      v8 acc[2][5] = {};
+      for (int y = 0; y < 28; ++y) {
+        const v8* xrow = X + (y + ky) * XP;
+        const v8* g0 = GZ1 + (c0 * 28 + y) * 28;
+        const v8* g1 = g0 + 28 * 28;
+        for (int x = 0; x < 28; ++x)
+          for (int kx = 0; kx < 5; ++kx) {
+            acc[0][kx] += g0[x] * xrow[x + kx];
+            acc[1][kx] += g1[x] * xrow[x + kx];
+          }
+      }
+      for (int c = 0; c < 2; ++c)
+        for (int kx = 0; kx < 5; ++kx) dw1[(c0 + c) * 25 + ky * 5 + kx] += acc[c][kx];
+    }
+}
+
+float lane_sum(v8 v) {
+  float s = 0;
+  for (int l = 0; l < L; ++l) s += v[l];
+  return s;
+}
+
+}  // namespace
+
+extern "C" {
+
+int lenet_sizes(int which) {
+  const int sizes[] = {S1_SIZE * L, P1_SIZE * L, S2_SIZE * L, W1N + 6 + W2N + 16};
+  return sizes[which];
+}
+
+// x (n, 1, 28, 28) and the contiguous conv parameters -> out (n, 400), plus the activations backward needs:
+// s1 (blocks, 6*28*28*8), p1 (blocks, 6*14*14*8), s2 (blocks, 16*10*10*8) with blocks = ceil(n / 8).
+void lenet_forward(const float* x, int64_t n, const float* w1, const float* b1, const float* w2,
+                   const float* b2, float* out, float* s1, float* p1, float* s2, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  v8 *s1p = reinterpret_cast<v8*>(s1), *p1p = reinterpret_cast<v8*>(p1), *s2p = reinterpret_cast<v8*>(s2);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> X(X_SIZE), P2(OUT);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      forward_block(X.data(), w1, b1, w2, b2, s1p + b * S1_SIZE, p1p + b * P1_SIZE, s2p + b * S2_SIZE,
+                    P2.data());
+      for (int l = 0; l < L && b * L + l < n; ++l) {
+        float* dst = out + (b * L + l) * OUT;
+        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
+      }
+    }
+  }
+}
+
+// grad (n, 400) of the features -> grads: w1 (150), b1 (6), w2 (2400), b2 (16) concatenated, overwritten.
+void lenet_backward(const float* grad, const float* x, int64_t n, const float* w2, const float* s1,
+                    const float* p1, const float* s2, float* grads, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  constexpr int PARTS = W1N + 6 + W2N + 16;
+  const v8 *s1p = reinterpret_cast<const v8*>(s1), *p1p = reinterpret_cast<const v8*>(p1);
+  const v8* s2p = reinterpret_cast<const v8*>(s2);
+  std::vector<float> partial(static_cast<size_t>(threads) * PARTS, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> X(X_SIZE), G2(OUT), GZ2P(16 * GP * GP), GP1(P1_SIZE), GZ1(S1_SIZE), acc(PARTS);
+    v8 *dw1 = acc.data(), *db1 = dw1 + W1N, *dw2 = db1 + 6, *db2 = dw2 + W2N;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      std::fill(G2.begin(), G2.end(), v8{});
+      for (int l = 0; l < L && b * L + l < n; ++l) {
+        const float* src = grad + (b * L + l) * OUT;
+        for (int j = 0; j < OUT; ++j) G2[j][l] = src[j];
+      }
+      backward_block(X.data(), s1p + b * S1_SIZE, p1p + b * P1_SIZE, s2p + b * S2_SIZE, G2.data(), w2,
+                     GZ2P.data(), GP1.data(), GZ1.data(), dw1, db1, dw2, db2);
+    }
+    float* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * PARTS;
+    for (int i = 0; i < PARTS; ++i) mine[i] = lane_sum(acc[i]);
+  }
+  // Summed in thread order, so a given thread count always gives the same bits.
+  std::fill(grads, grads + PARTS, 0.0f);
+  for (int t = 0; t < threads; ++t)
+    for (int i = 0; i < PARTS; ++i) grads[i] += partial[static_cast<size_t>(t) * PARTS + i];
+}
+
+}  // extern "C"

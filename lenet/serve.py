@@ -1,0 +1,389 @@
+"""Draw a digit: the HTTP API and the page that uses it (FastAPI + uvicorn).
+
+Routes: `/` (the drawing page; its script and style sheet beside it), `POST /api/predict`,
+`GET /api/model`, `GET /healthz` and the OpenAPI schema at `/openapi.json`. Swagger's /docs is left out:
+it loads its script from a CDN, and the page must work offline.
+
+Safety: the model is loaded once, when the app is made; requests carry pixels only, so no route loads a
+model, reads a path (the page's three files are read into memory at start) or fetches a URL. Bodies over
+MAX_BODY_BYTES get 413, checked from Content-Length and again while the body is read, so a client that
+lies or streams never makes the server hold more. Every error is JSON `{"error": "one line"}`; what a client
+sends never gives 500.
+"""
+
+import io
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+
+from lenet.errors import LenetError
+
+MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a phone photo as JPEG fits; the page sends a few KB
+BACKENDS = ("torch", "onnxruntime")
+STATIC = Path(__file__).parent / "static"
+PAGES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+# The page needs nothing from elsewhere: the browser refuses any attempt to load from another origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+IMAGE_TYPES = ("image/", "application/octet-stream")
+FEATURE_DECIMALS = 3
+INLINE_MAX_PIXELS = 256 * 256  # images up to this size are preprocessed on the event loop (about 1 ms)
+
+log = logging.getLogger("lenet.serve")
+
+
+class _Torch:
+    """A checkpoint in PyTorch: probabilities and conv feature maps for one uint8 (28, 28) image."""
+
+    has_features = True
+
+    def __init__(self, path: Path):
+        from lenet.models import count_parameters
+        from lenet.predict import fold_batch_norm, load
+
+        model, meta = load(path, "cpu", fold=False)
+        self.parameters = count_parameters(model)  # as trained, before batch norms are folded away
+        self.model = fold_batch_norm(model)
+        self.mean, self.std = meta["normalization"]["mean"], meta["normalization"]["std"]
+        self.classes = list(meta["classes"])
+        self.facts = {
+            "name": meta["model"]["name"],
+            "parameters": self.parameters,
+            "dataset": meta.get("dataset"),
+            "test_accuracy": (meta.get("metrics") or {}).get("test_acc"),
+            "epoch": meta.get("epoch"),
+            "normalization": {"mean": self.mean, "std": self.std},
+        }
+
+    def probabilities(self, image: np.ndarray) -> list[float]:
+        from lenet.predict import predict
+
+        return predict(self.model, image[None], self.mean, self.std)[0].tolist()
+
+    def features(self, image: np.ndarray) -> dict[str, list]:
+        from lenet.predict import feature_maps
+
+        maps = feature_maps(self.model, image, self.mean, self.std)  # conv1 (6, 28, 28), conv2 (16, 10, 10)
+        return {name: np.round(m.numpy(), FEATURE_DECIMALS).tolist() for name, m in maps.items()}
+
+
+class _Onnx:
+    """An ONNX export in ONNX Runtime: probabilities only (the graph does not expose inner layers)."""
+
+    has_features = False
+
+    def __init__(self, path: Path):
+        from lenet.export import OnnxModel
+
+        self.model = OnnxModel(path, threads=1)
+        self.classes = list(self.model.classes)
+        norm = self.model.normalization
+        self.facts = {
+            "name": (self.model.metadata.get("model") or {}).get("name"),
+            "parameters": None,  # not part of an export's metadata
+            "dataset": self.model.dataset,
+            "test_accuracy": None,
+            "epoch": None,
+            "normalization": {"mean": norm["mean"], "std": norm["std"]},
+            "quantization": self.model.quantization,
+        }
+
+    def probabilities(self, image: np.ndarray) -> list[float]:
+        return self.model.predict(image[None])[0].tolist()
+
+
+def _open_model(path: Path, backend: str) -> _Torch | _Onnx:
+    if backend not in BACKENDS:
+        raise LenetError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not path.is_file():
+        raise LenetError(f"{path}: no such file")
+    if backend == "onnxruntime":
+        if path.suffix != ".onnx":
+            raise LenetError(f"{path}: --backend onnxruntime serves an .onnx export (make one: lenet export)")
+        return _Onnx(path)
+    if path.suffix == ".onnx":
+        raise LenetError(f"{path}: an ONNX export; serve it with --backend onnxruntime")
+    return _Torch(path)
+
+
+def _image_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header, or None where Pillow recognises no image format."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return image.width * image.height
+    except UnidentifiedImageError:
+        return None
+    except Exception:  # recognised but refused (a bomb, a broken header): preprocess says why, as a 400
+        return 0
+
+
+def create_app(checkpoint_path: str | Path, backend: str = "torch") -> Any:
+    """The FastAPI app serving one checkpoint (or, with backend="onnxruntime", one .onnx export).
+
+    The model is loaded here, once. Raises LenetError for a missing or unreadable file or a wrong backend.
+    """
+    import anyio.to_thread
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+
+    from lenet.preprocess import preprocess
+
+    Pixels = Annotated[
+        list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)]],
+        Field(min_length=28, max_length=28),
+    ]
+
+    class PixelsRequest(BaseModel):
+        """A JSON body for POST /api/predict."""
+
+        model_config = ConfigDict(extra="forbid")
+        pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
+        preprocess: bool = Field(
+            False,
+            description="false: pixels are the network's input as they are (MNIST convention: white ink on "
+            "black, digit centred in a 20x20 box); true: crop, fit and centre them as an uploaded image",
+        )
+        features: bool = Field(False, description="also return the conv feature maps")
+
+    class PredictResponse(BaseModel):
+        digit: str = Field(description="the most probable class")
+        index: int = Field(description="its position in classes and probabilities")
+        probabilities: list[float] = Field(description="one per class, summing to 1")
+        classes: list[str]
+        input: list[list[int]] = Field(description="the 28x28 uint8 image the network saw")
+        features: dict[str, list[list[list[float]]]] | None = Field(
+            None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
+        )
+        note: str | None = Field(None, description="why requested feature maps are missing")
+
+    class ModelFacts(BaseModel):
+        name: str | None
+        parameters: int | None
+        dataset: str | None
+        test_accuracy: float | None
+        epoch: int | None
+        classes: list[str]
+        normalization: dict[str, float]
+        backend: str
+        feature_maps: bool
+        checkpoint: str
+
+    path = Path(checkpoint_path)
+    engine = _open_model(path, backend)
+    facts = {
+        **engine.facts,
+        "classes": engine.classes,
+        "backend": backend,
+        "feature_maps": engine.has_features,
+        "checkpoint": path.name,
+    }
+    pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
+
+    app = FastAPI(
+        title="lenet",
+        version="1",
+        description='Draw a digit and watch LeNet read it. Every error is JSON {"error": "..."}.',
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN
+        redoc_url=None,
+    )
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error(422, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal error (logged on the server)")
+
+    def answer(source: Any, invert: str, want_features: bool, raw: bool) -> dict:
+        """CPU work of one request, run in a worker thread: preprocess, predict, feature maps."""
+        try:
+            image = source if raw else preprocess(source, invert, name="upload")
+        except LenetError as e:
+            raise HTTPException(400, str(e)) from None
+        probabilities = engine.probabilities(image)
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        result = {
+            "digit": engine.classes[best],
+            "index": best,
+            "probabilities": probabilities,
+            "classes": engine.classes,
+            "input": image.tolist(),
+            "features": None,
+        }
+        if want_features:
+            if engine.has_features:
+                result["features"] = engine.features(image)
+            else:
+                result["note"] = f"feature maps are not available with the {backend} backend"
+        return result
+
+    body_doc = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PixelsRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+
+    @app.post(
+        "/api/predict",
+        response_model=PredictResponse,
+        openapi_extra={"requestBody": body_doc},
+        responses={
+            400: {"description": "an image without a readable digit (blank, broken, a bomb) or bad JSON"},
+            413: {"description": f"body over {MAX_BODY_BYTES:,} bytes"},
+            415: {"description": "not an image, or an unsupported content type"},
+            422: {"description": "JSON or query parameters of the wrong shape"},
+        },
+    )
+    async def predict(
+        request: Request,
+        features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
+        invert: Annotated[
+            Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
+        ] = "auto",
+    ) -> JSONResponse:
+        """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
+        `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        raw = False
+        if kind == "application/json":
+            try:
+                body = PixelsRequest.model_validate_json(await request.body())
+            except ValidationError as e:
+                first = e.errors()[0]
+                if first["type"] == "json_invalid":
+                    raise HTTPException(400, f"body: not valid JSON ({first['msg']})") from None
+                where = ".".join(str(part) for part in first["loc"]) or "body"
+                raise HTTPException(422, f"{where}: {first['msg']}") from None
+            source, raw = np.asarray(body.pixels, dtype=np.uint8), not body.preprocess
+            features = features or body.features
+        elif kind == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=10)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
+            source = await upload.read()
+        elif kind.startswith(IMAGE_TYPES):
+            source = await request.body()
+        else:
+            raise HTTPException(
+                415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON"
+            )
+        pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
+        if pixels is None:
+            raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
+        # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
+        # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
+        if pixels <= INLINE_MAX_PIXELS and not features:
+            result = answer(source, invert, features, raw)
+        else:
+            result = await anyio.to_thread.run_sync(answer, source, invert, features, raw)
+        return JSONResponse(result)
+
+    @app.get("/api/model", response_model=ModelFacts)
+    def model_facts() -> dict:
+        """What is being served: architecture, parameter count, dataset, test accuracy, classes."""
+        return facts
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    def page(route: str) -> None:
+        content, kind = pages[route]
+
+        @app.get(route, include_in_schema=False)
+        def serve_page() -> Response:
+            return Response(content, media_type=kind, headers=PAGE_HEADERS)
+
+    for route in pages:
+        page(route)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+    return app
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, from its Content-Length or as it streams.
+
+    Past the limit, reading the body raises HTTPException(413), which the app's handler turns into JSON.
+    """
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            status, message = (413, self._too_large()) if declared.isdigit() else (400, "bad Content-Length")
+            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> str:
+        return f"body: more than {self.limit:,} bytes"
+
+
+def serve(
+    checkpoint_path: str | Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch"
+) -> None:
+    """Serve the page and API with uvicorn until interrupted (binds only this machine unless told)."""
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(1)  # one image per call: more threads cost more in hand-offs than they save
+    app = create_app(checkpoint_path, backend)
+    print(f"lenet: serving {checkpoint_path} on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

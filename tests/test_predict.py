@@ -1,0 +1,174 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lenet.errors import LenetError
+from lenet.evaluate import predict_logits
+from lenet.models import build
+from lenet.imagefiles import expand_paths, predict_files
+from lenet.predict import classifier, feature_maps, first_filters, fold_batch_norm, predict
+
+DIGITS = Path(__file__).parent / "digits"
+
+
+def lenet(*args, stdin: bytes | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "lenet", *args], input=stdin, capture_output=True, env=os.environ, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build("modern").eval()
+
+
+def test_predict_gives_probabilities_for_uint8_batches(model):
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    probabilities = predict(model, images, 0.13, 0.31)
+    assert probabilities.shape == (5, 10) and probabilities.dtype == torch.float32
+    assert torch.allclose(probabilities.sum(1), torch.ones(5))
+    expected = torch.softmax(predict_logits(model, images, 0.13, 0.31), 1)
+    assert torch.allclose(probabilities, expected)
+    for same in (images.numpy(), images[:, None], images.numpy()[:, None]):
+        assert torch.equal(predict(model, same, 0.13, 0.31), probabilities)
+    assert predict(model, images[:0], 0.13, 0.31).shape == (0, 10)
+
+
+def test_predict_refuses_what_breaks_the_contract(model):
+    with pytest.raises(ValueError, match="uint8"):
+        predict(model, torch.rand(2, 28, 28), 0.13, 0.31)  # already normalised floats: ambiguous
+    with pytest.raises(ValueError, match=r"images\[None\]"):
+        predict(model, torch.zeros(28, 28, dtype=torch.uint8), 0.13, 0.31)
+    with pytest.raises(ValueError, match="28, 28"):
+        predict(model, torch.zeros(2, 32, 32, dtype=torch.uint8), 0.13, 0.31)
+
+
+def test_predict_leaves_a_training_model_training():
+    model = build("modern").train()
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    first = predict(model, images, 0.13, 0.31)
+    assert model.training and torch.equal(predict(model, images, 0.13, 0.31), first)  # eval: no dropout
+
+
+@pytest.mark.parametrize("name", ["classic", "modern"])
+def test_feature_maps_are_the_activations_the_pooling_layers_read(name):
+    model = build(name).eval()
+    image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
+    maps = feature_maps(model, image, 0.13, 0.31)
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {"conv1": (6, 28, 28), "conv2": (16, 10, 10)}
+    x = ((image.float() / 255 - 0.13) / 0.31).view(1, 1, 28, 28)
+    with torch.no_grad():
+        for layer_name, layer in model.named_children():
+            if layer_name == "pool1":
+                assert torch.allclose(maps["conv1"], x[0], atol=1e-6)
+            if layer_name == "pool2":
+                assert torch.allclose(maps["conv2"], x[0], atol=1e-6)
+                break
+            x = layer(x)
+    filters_name, filters = first_filters(model)
+    assert filters_name == "conv1" and torch.equal(filters, model.conv1.weight.detach().view(6, 5, 5))
+
+
+def test_folding_batch_norm_keeps_the_function_and_the_feature_maps():
+    torch.manual_seed(0)
+    model = build("modern").train()
+    with torch.no_grad():  # running statistics and affine parameters away from their initial 0 and 1
+        for _ in range(3):
+            model(torch.randn(64, 1, 28, 28) * 2 + 0.5)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    folded = fold_batch_norm(model)
+    assert [name for name, _ in folded.named_children()] == [
+        "conv1", "act1", "pool1", "conv2", "act2", "pool2", "flatten", "fc1", "act3", "fc2", "act4", "fc3",
+    ]  # fmt: skip
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    assert torch.allclose(predict(folded, images, 0.13, 0.31), predict(model, images, 0.13, 0.31), atol=1e-6)
+    for name, maps in feature_maps(folded, images[0], 0.13, 0.31).items():
+        assert torch.allclose(maps, feature_maps(model, images[0], 0.13, 0.31)[name], atol=1e-5)
+    assert fold_batch_norm(build("classic")).state_dict().keys() == build("classic").state_dict().keys()
+
+
+def test_expand_paths_takes_files_folders_globs_and_stdin(tmp_path):
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    folder = [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    assert expand_paths([str(tmp_path)]) == folder  # sorted, images only
+    assert expand_paths([str(tmp_path / "*.png"), "-", str(tmp_path / "a.jpg")]) == [
+        folder[1],
+        "-",
+        folder[0],
+    ]
+    assert expand_paths([str(tmp_path / "missing.png"), str(tmp_path / "*.gif")]) == [
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "*.gif"),
+    ]  # kept, to fail one by one
+    with pytest.raises(LenetError, match="empty: folder holds no images"):
+        expand_paths([str(tmp_path / "empty")])
+
+
+def test_predict_files_reports_failures_in_place_and_goes_on(model, tmp_path):
+    good = sorted(DIGITS.glob("[37]_*.png"))[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    paths = [str(good[0]), str(broken), *map(str, good[1:]), str(tmp_path / "missing.png")]
+    rows = list(predict_files(classifier(model, 0.13, 0.31), paths, workers=0))
+    assert [row["path"] for row in rows] == paths
+    assert "not a readable image" in rows[1]["error"] and "no such file" in rows[-1]["error"]
+    good_rows = [row for row in rows if "error" not in row]
+    assert len(good_rows) == len(good)
+    assert all(abs(sum(row["probabilities"]) - 1) < 1e-5 for row in good_rows)
+    pooled = list(predict_files(classifier(model, 0.13, 0.31), paths, workers=2))
+    assert pooled == rows  # worker processes change nothing but the speed
+
+
+@pytest.mark.real_data
+def test_predict_command(modern_checkpoint, tmp_path):
+    files = sorted(DIGITS.iterdir())[::9]  # 29 images, every digit
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    result = lenet("predict", str(modern_checkpoint), str(folder), "--json", "--top-k", "3")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [Path(row["path"]).name for row in rows] == [p.name for p in files]
+    for row in rows:
+        assert row["error"] is None and len(row["probabilities"]) == 10
+        assert abs(sum(row["probabilities"]) - 1) < 1e-5 and len(row["top_k"]) == 3
+        assert row["digit"] == row["top_k"][0][0] == str(int(np.argmax(row["probabilities"])))
+    assert sum(row["digit"] == Path(row["path"]).name[0] for row in rows) >= 26
+
+    (folder / "zz-empty.png").write_bytes(b"")
+    pngs = sorted(folder.glob("*.png"))
+    stdin = files[0].read_bytes()
+    result = lenet("predict", str(modern_checkpoint), str(folder / "*.png"), "-", stdin=stdin)
+    assert result.returncode == 1  # one image failed, the others were still predicted
+    lines = result.stdout.decode().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [*map(str, pngs[:-1]), "-"]
+    assert lines[-1].startswith(f"-: {files[0].name[0]} ")  # "PATH: DIGIT PROBABILITY"
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 1 and "zz-empty.png: not a readable image" in errors[0]
+
+
+@pytest.mark.real_data
+def test_explain_command_writes_one_figure(modern_checkpoint, tmp_path):
+    out = tmp_path / "explain.png"
+    image = sorted(DIGITS.glob("4_*drawn*"))[0]
+    result = lenet("explain", str(modern_checkpoint), str(image), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(f"{image}: 4 ") and out.stat().st_size > 30_000
+    assert Image.open(out).size[0] >= 1000
+    result = lenet("explain", str(modern_checkpoint), str(tmp_path / "nothing.png"), "-o", str(out))
+    assert result.returncode == 2 and result.stderr.decode().count("\n") == 1

@@ -1,0 +1,345 @@
+import io
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet import data
+from lenet.errors import LenetError
+
+pytestmark = pytest.mark.real_data
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height: what a decompression bomb looks like before decoding."""
+    blob = bytearray(png(np.zeros((1, 1), np.uint8)))
+    struct.pack_into(">II", blob, 16, width, height)  # IHDR data starts after signature, length and type
+    struct.pack_into(">I", blob, 29, zlib.crc32(blob[12:29]))
+    return bytes(blob)
+
+
+@pytest.fixture(scope="module")
+def app(modern_checkpoint: Path):
+    from lenet.serve import create_app
+
+    return create_app(modern_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return fastapi_testclient.TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_cache: Path) -> data.Dataset:
+    return data.load("mnist", mnist_cache / "mnist")
+
+
+def post_image(client, blob: bytes, kind: str = "image/png", query: str = ""):
+    return client.post(f"/api/predict{query}", content=blob, headers={"content-type": kind})
+
+
+def assert_error(response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["error"]
+    assert words in message and "\n" not in message
+
+
+# ---- the routes ------------------------------------------------------------------------------------------
+
+
+def test_healthz(client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_model_facts_come_from_the_checkpoint(client, modern_checkpoint: Path) -> None:
+    from lenet.checkpoint import load_model
+    from lenet.models import count_parameters
+
+    model, meta = load_model(modern_checkpoint)
+    facts = client.get("/api/model").json()
+    assert facts["name"] == "modern"
+    assert facts["parameters"] == count_parameters(model) == 61_932
+    assert facts["dataset"] == "mnist"
+    assert facts["test_accuracy"] == meta["metrics"]["test_acc"] > 0.97
+    assert facts["classes"] == [str(d) for d in range(10)]
+    assert facts["normalization"] == meta["normalization"]
+    assert facts["backend"] == "torch" and facts["feature_maps"] is True
+    assert facts["checkpoint"] == modern_checkpoint.name  # a name, never the server's folders
+
+
+def test_page_and_its_files_need_no_network(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="app.js"' in page.text and 'href="style.css"' in page.text
+    for route, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+        response = client.get(route)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert "http://" not in response.text and "https://" not in response.text
+    assert "http://" not in page.text and "https://" not in page.text
+    assert client.get("/favicon.ico").status_code == 204
+
+
+def test_openapi_schema_without_cdn_docs(client) -> None:
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data", "image/*"}
+    assert set(body["application/json"]["schema"]["properties"]) == {"pixels", "preprocess", "features"}
+    assert {"/api/model", "/healthz"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
+    assert client.get("/redoc").status_code == 404
+
+
+def test_png_bytes_of_real_digits(client, mnist_test: data.Dataset) -> None:
+    images, labels = mnist_test.test_images[:40].numpy(), mnist_test.test_labels[:40].tolist()
+    right = 0
+    for pixels, label in zip(images, labels, strict=True):
+        answer = post_image(client, png(pixels)).json()
+        assert len(answer["probabilities"]) == 10
+        assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+        assert answer["digit"] == answer["classes"][answer["index"]]
+        assert answer["index"] == int(np.argmax(answer["probabilities"]))
+        assert np.asarray(answer["input"]).shape == (28, 28) and answer["features"] is None
+        right += answer["digit"] == str(label)
+    assert right >= 38
+
+
+def test_multipart_upload_with_feature_maps(client, mnist_test: data.Dataset) -> None:
+    pixels = mnist_test.test_images[0].numpy()
+    files = {"file": ("seven.png", png(pixels), "image/png")}
+    answer = client.post("/api/predict?features=true", files=files).json()
+    assert answer["digit"] == str(int(mnist_test.test_labels[0]))
+    assert np.asarray(answer["features"]["conv1"]).shape == (6, 28, 28)
+    assert np.asarray(answer["features"]["conv2"]).shape == (16, 10, 10)
+
+
+def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, modern_checkpoint: Path) -> None:
+    from lenet.predict import load, predict
+
+    pixels = mnist_test.test_images[1].numpy()
+    answer = client.post("/api/predict", json={"pixels": pixels.tolist(), "features": True}).json()
+    assert answer["input"] == pixels.tolist()  # taken as it is
+    model, meta = load(modern_checkpoint)
+    expected = predict(model, pixels[None], **meta["normalization"])[0].tolist()
+    assert answer["probabilities"] == pytest.approx(expected, abs=1e-6)
+    assert set(answer["features"]) == {"conv1", "conv2"}
+
+    # preprocess: true crops and centres them like an upload: a digit drawn in a corner moves to the middle
+    corner = np.zeros((28, 28), np.uint8)
+    corner[2:12, 3:5] = 255
+    moved = client.post("/api/predict", json={"pixels": corner.tolist(), "preprocess": True}).json()
+    rows, cols = np.nonzero(np.asarray(moved["input"]))
+    assert 10 <= rows.mean() <= 18 and 10 <= cols.mean() <= 18
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+def test_bodies_over_the_limit_get_413(client) -> None:
+    from lenet.serve import MAX_BODY_BYTES
+
+    big = b"\x89PNG" + bytes(MAX_BODY_BYTES)
+    assert_error(post_image(client, big), 413, "bytes")  # told by Content-Length
+    files = {"file": ("big.png", big, "image/png")}
+    assert_error(client.post("/api/predict", files=files), 413, "bytes")
+
+    stream = iter([bytes(MAX_BODY_BYTES), b"x"])
+    response = client.post("/api/predict", content=stream, headers={"content-type": "image/png"})
+    assert_error(response, 413, "bytes")  # no Content-Length: counted as it arrives
+    just_fits = post_image(client, png(np.zeros((1, 1), np.uint8)) + bytes(MAX_BODY_BYTES - 100))
+    assert_error(just_fits, 400, "blank")
+
+
+def test_reading_stops_at_the_limit(app) -> None:
+    """At the ASGI level: a streamed body is refused after the chunk that passes the limit, not at its end."""
+    import asyncio
+
+    from lenet.serve import MAX_BODY_BYTES
+
+    chunk, chunks = 64 * 1024, 64
+    read, sent = [], []
+
+    async def receive() -> dict:
+        read.append(chunk)
+        return {"type": "http.request", "body": bytes(chunk), "more_body": len(read) < chunks}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert sum(read) == MAX_BODY_BYTES + chunk  # one chunk past the limit, then no more
+
+
+def test_non_images_get_415(client) -> None:
+    assert_error(post_image(client, b"hello, not a picture"), 415, "not an image")
+    assert_error(post_image(client, b""), 415, "not an image")
+    files = {"file": ("notes.png", b"plain text", "image/png")}
+    assert_error(client.post("/api/predict", files=files), 415, "not an image")
+    assert_error(post_image(client, b"hello", kind="text/plain"), 415, "content type text/plain")
+    assert_error(client.post("/api/predict", content=b"hello"), 415, "content type missing")
+
+
+def test_unusable_images_get_400(client) -> None:
+    blank = np.full((40, 40), 255, np.uint8)
+    assert_error(post_image(client, png(blank)), 400, "blank")
+    assert_error(post_image(client, png_claiming(20_000, 20_000)), 400, "bomb")
+    assert_error(post_image(client, png_claiming(7_000, 7_000)), 400, "pixels")
+    truncated = png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))[:200]
+    assert_error(post_image(client, truncated), 400, "not a readable image")
+    bad_json = b'{"pixels": [[0, 1'
+    assert_error(post_image(client, bad_json, kind="application/json"), 400, "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"pixels": [[0] * 28] * 27}, "pixels"),
+        ({"pixels": [[0] * 27] * 28}, "pixels.0"),
+        ({"pixels": [[0] * 28] * 27 + [[0] * 27 + [256]]}, "pixels.27.27"),
+        ({"pixels": [[-1] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [["a"] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": "0" * 784}, "pixels"),
+        ({"pixels": [[0] * 28] * 28, "feature": True}, "feature"),
+        ({"image": []}, "pixels"),
+        ([1, 2, 3], "body"),
+    ],
+)
+def test_wrong_json_shapes_get_422(client, body, where: str) -> None:
+    response = client.post("/api/predict", json=body)
+    assert_error(response, 422, f"{where}: ")
+
+
+def test_wrong_form_and_query_get_422(client, mnist_test: data.Dataset) -> None:
+    blob = png(mnist_test.test_images[0].numpy())
+    response = client.post("/api/predict", files={"image": ("a.png", blob, "image/png")})
+    assert_error(response, 422, "field 'file'")
+    assert_error(post_image(client, blob, query="?invert=maybe"), 422, "invert")
+    assert_error(post_image(client, blob, query="?features=perhaps"), 422, "features")
+
+
+def test_unknown_routes_and_methods(client) -> None:
+    assert_error(client.get("/api/nothing"), 404, "Not Found")
+    assert_error(client.get("/api/predict"), 405, "Method Not Allowed")
+    assert_error(client.post("/api/model"), 405, "Method Not Allowed")
+
+
+def test_random_bodies_never_give_500(client, mnist_test: data.Dataset) -> None:
+    rng = random.Random(0)
+    blob = png(mnist_test.test_images[2].numpy())
+    kinds = ["image/png", "image/jpeg", "application/json", "multipart/form-data", "application/octet-stream"]
+    for _ in range(60):
+        kind = rng.choice(kinds)
+        body = rng.choice([rng.randbytes(rng.randrange(0, 3000)), blob[: rng.randrange(len(blob))]])
+        if rng.random() < 0.3:  # flip a few bytes in a real PNG
+            body = bytearray(blob)
+            for _ in range(5):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            body = bytes(body)
+        response = post_image(client, body, kind=kind)
+        assert response.status_code in (200, 400, 413, 415, 422), (kind, response.text)
+        assert "error" in response.json() or "digit" in response.json()
+
+
+def test_a_server_bug_is_a_logged_json_500(app, monkeypatch, mnist_test: data.Dataset, caplog) -> None:
+    import lenet.predict
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(lenet.predict, "predict", broken)
+    client = fastapi_testclient.TestClient(app, raise_server_exceptions=False)
+    response = post_image(client, png(mnist_test.test_images[0].numpy()))
+    assert_error(response, 500, "internal error")
+    assert "a bug" in caplog.text
+
+
+# ---- making the app ---------------------------------------------------------------------------------------
+
+
+def test_create_app_refuses_bad_inputs(tmp_path: Path, modern_checkpoint: Path) -> None:
+    from lenet.serve import create_app
+
+    with pytest.raises(LenetError, match="no such file"):
+        create_app(tmp_path / "missing.safetensors")
+    with pytest.raises(LenetError, match="--backend"):
+        create_app(modern_checkpoint, backend="tensorflow")
+    with pytest.raises(LenetError, match="serves an .onnx export"):
+        create_app(modern_checkpoint, backend="onnxruntime")
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not onnx")
+    with pytest.raises(LenetError, match="--backend onnxruntime"):
+        create_app(onnx_file)
+    with pytest.raises(LenetError, match="not a readable ONNX model"):
+        create_app(onnx_file, backend="onnxruntime")
+    not_a_checkpoint = tmp_path / "notes.safetensors"
+    not_a_checkpoint.write_bytes(b"hello")
+    with pytest.raises(LenetError, match="notes.safetensors"):
+        create_app(not_a_checkpoint)
+
+
+def test_onnxruntime_backend(modern_checkpoint: Path, mnist_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lenet.export import export
+    from lenet.serve import create_app
+
+    path = tmp_path / "modern.onnx"
+    export(modern_checkpoint, "onnx", out=path, data_dir=mnist_cache / "mnist")
+    client = fastapi_testclient.TestClient(create_app(path, backend="onnxruntime"))
+    facts = client.get("/api/model").json()
+    assert facts["backend"] == "onnxruntime" and facts["name"] == "modern" and facts["feature_maps"] is False
+    pixels = data.load("mnist", mnist_cache / "mnist").test_images[0].numpy()
+    answer = post_image(client, png(pixels), query="?features=true").json()
+    assert answer["digit"] == "7" and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+    assert answer["features"] is None and "not available" in answer["note"]
+
+
+def test_serve_binds_this_machine_by_default() -> None:
+    import inspect
+
+    from lenet.cli import build_parser
+    from lenet.serve import serve
+
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    args = build_parser().parse_args(["serve", "best.safetensors"])
+    assert (args.host, args.port, args.backend) == ("127.0.0.1", 8000, "torch")
+
+
+def test_load_benchmark_runs(mnist_cache: Path, monkeypatch) -> None:
+    """`lenet bench serve --quick`: a real server process under a real load process; numbers, no errors."""
+    from lenet import bench
+
+    monkeypatch.setenv("LENET_DATA_DIR", str(mnist_cache))
+    result = bench.run("serve", quick=True)
+    assert result["errors"] == 0 and result["baseline_errors"] == 0 and result["requests"] == 300
+    assert result["requests_per_s"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["baseline_requests_per_s"] > 0
