@@ -226,8 +226,8 @@ def bench_predict(images: int = 10_000, calls: int = 2000, baseline_images: int 
     from PIL import Image
 
     from lenet import data
-    from lenet.models import build
     from lenet.imagefiles import predict_files
+    from lenet.models import build
     from lenet.predict import classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
 

@@ -92,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def backend_of(model_path: str, backend: str) -> str:
-    """"auto" picks ONNX Runtime for .onnx files and PyTorch for checkpoints."""
+    """ "auto" picks ONNX Runtime for .onnx files and PyTorch for checkpoints."""
     if backend == "auto":
         return "onnxruntime" if model_path.lower().endswith(".onnx") else "torch"
     return backend

@@ -66,7 +66,8 @@ def test_two_processes_on_real_mnist_clear_the_single_process_floor(tmp_path, mn
     assert run.returncode == 0, run.stderr
     # The same floor as the single-process test in test_train.py.
     assert checkpoint.load(tmp_path / "run" / "last.safetensors").meta["metrics"]["test_acc"] >= 0.97
-    run = torchrun("-m", "lenet", "train", "--model", "modern", "--sync-batchnorm", "--device", "cpu", env=env)
+    flags = ["train", "--model", "modern", "--sync-batchnorm", "--device", "cpu"]
+    run = torchrun("-m", "lenet", *flags, env=env)
     assert run.returncode != 0 and "lenet: error: --sync-batchnorm needs CUDA" in run.stderr
 
 

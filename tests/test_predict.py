@@ -11,8 +11,8 @@ from PIL import Image
 
 from lenet.errors import LenetError
 from lenet.evaluate import predict_logits
-from lenet.models import build
 from lenet.imagefiles import expand_paths, predict_files
+from lenet.models import build
 from lenet.predict import classifier, feature_maps, first_filters, fold_batch_norm, predict
 
 DIGITS = Path(__file__).parent / "digits"
