@@ -186,7 +186,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lenet.serve import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, backend=args.backend)
+    serve(args.checkpoint, host=args.host, port=args.port, backend=backend_of(args.checkpoint, args.backend))
     return 0
 
 
@@ -290,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="the draw-a-digit page and HTTP API (FastAPI + uvicorn)")
-    p.add_argument("checkpoint", help="a checkpoint (an .onnx export with --backend onnxruntime)")
+    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (served with onnxruntime)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="speed, always beside a baseline measured in the same run")

@@ -48,27 +48,25 @@ def tiny_dataset() -> data.Dataset:
     )
 
 
+def _train_briefly(model: str, epochs: int, mnist_cache: Path, factory: pytest.TempPathFactory) -> Path:
+    from lenet.train import TrainConfig, fit
+
+    out = factory.mktemp(f"{model}-run")
+    data_dir = str(mnist_cache / "mnist")
+    fit(
+        TrainConfig.for_model(model, epochs=epochs, data_dir=data_dir, out=str(out), device="cpu"),
+        log=lambda _: None,
+    )
+    return out / "best.safetensors"
+
+
 @pytest.fixture(scope="session")
 def modern_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `modern` checkpoint trained on real MNIST with the default recipe cut to 2 epochs (~99% test acc)."""
-    from lenet.train import TrainConfig, fit
-
-    out = tmp_path_factory.mktemp("modern-run")
-    cfg = TrainConfig.for_model(
-        "modern", epochs=2, data_dir=str(mnist_cache / "mnist"), out=str(out), device="cpu"
-    )
-    fit(cfg, log=lambda _: None)
-    return out / "best.safetensors"
+    return _train_briefly("modern", 2, mnist_cache, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def classic_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `classic` checkpoint trained briefly on real MNIST (1 epoch, ~96% test accuracy)."""
-    from lenet.train import TrainConfig, fit
-
-    out = tmp_path_factory.mktemp("classic-run")
-    cfg = TrainConfig.for_model(
-        "classic", epochs=1, data_dir=str(mnist_cache / "mnist"), out=str(out), device="cpu"
-    )
-    fit(cfg, log=lambda _: None)
-    return out / "best.safetensors"
+    return _train_briefly("classic", 1, mnist_cache, tmp_path_factory)
