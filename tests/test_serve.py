@@ -331,7 +331,7 @@ def test_serve_binds_this_machine_by_default() -> None:
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     args = build_parser().parse_args(["serve", "best.safetensors"])
-    assert (args.host, args.port, args.backend) == ("127.0.0.1", 8000, "torch")
+    assert (args.host, args.port, args.backend) == ("127.0.0.1", 8000, "auto")
 
 
 def test_load_benchmark_runs(mnist_cache: Path, monkeypatch) -> None:
