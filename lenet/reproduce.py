@@ -78,8 +78,9 @@ NOTES = {
     "lecun1998": (
         "Our networks and training follow the paper; where it is silent or ambiguous (initialisation, the "
         "MAP constant j, the output bitmaps, batches of 8 instead of single samples, the distortion ranges, "
-        "LeNet-1's and LeNet-4's connection tables) `docs/lenet5-1998.md` says what we chose and why. "
-        "Our numbers are the test error after the last pass, never the best pass."
+        "LeNet-1's and LeNet-4's connection tables) `docs/lenet5-1998.md` says what we chose and why, and "
+        "why LeNet-5 falls short of the paper here. Our numbers are the test error after the last pass, "
+        "never the best pass."
     ),
     "d2l": (
         "The book's recipe: `classic` (sigmoid, average pooling) with Xavier-uniform weights, SGD without "
