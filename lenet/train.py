@@ -83,6 +83,10 @@ class TrainConfig:
         return cls(**values)
 
 
+def _unknown(flag: str, value: str, allowed: tuple[str, ...]) -> LenetError:
+    return LenetError(f"{flag}: unknown {value!r}, expected one of {', '.join(allowed)}")
+
+
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate at a step: a pure function of the step, so resume needs no scheduler state."""
     progress = step / max(total_steps, 1)
@@ -100,7 +104,7 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if cfg.schedule == "lecun1998":  # constant within a pass, the paper's table across passes
         epoch = step * cfg.epochs // max(total_steps, 1)
         return cfg.lr * (LECUN1998_FACTORS[epoch] if epoch < len(LECUN1998_FACTORS) else LECUN1998_LAST)
-    raise LenetError(f"--schedule: unknown schedule {cfg.schedule!r}, expected one of {', '.join(SCHEDULES)}")
+    raise _unknown("--schedule", cfg.schedule, SCHEDULES)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -121,9 +125,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         if cfg.weight_decay:
             raise LenetError("--weight-decay: the sdlm optimizer has none; use 0")
         return sdlm.SDLM(model.parameters(), lr=cfg.lr, samples_per_step=cfg.batch_size)
-    raise LenetError(
-        f"--optimizer: unknown optimizer {cfg.optimizer!r}, expected one of {', '.join(OPTIMIZERS)}"
-    )
+    raise _unknown("--optimizer", cfg.optimizer, OPTIMIZERS)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -238,18 +240,14 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
     log receives human-readable lines (rank 0 only). dataset, when given, is used instead of loading
     cfg.dataset (tests and benchmarks pass small in-memory sets). Raises LenetError for user-caused problems.
     """
-    if cfg.optimizer not in OPTIMIZERS:
-        raise LenetError(
-            f"--optimizer: unknown optimizer {cfg.optimizer!r}, expected one of {', '.join(OPTIMIZERS)}"
-        )
-    if cfg.schedule not in SCHEDULES:
-        raise LenetError(
-            f"--schedule: unknown schedule {cfg.schedule!r}, expected one of {', '.join(SCHEDULES)}"
-        )
-    if cfg.augment not in augment.AUGMENTS:
-        raise LenetError(f"--augment: unknown {cfg.augment!r}, expected one of {', '.join(augment.AUGMENTS)}")
-    if cfg.loss not in LOSSES:
-        raise LenetError(f"--loss: unknown loss {cfg.loss!r}, expected one of {', '.join(LOSSES)}")
+    for flag, value, allowed in (
+        ("--optimizer", cfg.optimizer, OPTIMIZERS),
+        ("--schedule", cfg.schedule, SCHEDULES),
+        ("--augment", cfg.augment, augment.AUGMENTS),
+        ("--loss", cfg.loss, LOSSES),
+    ):
+        if value not in allowed:
+            raise _unknown(flag, value, allowed)
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise LenetError("--epochs, --batch-size and --lr must be positive")
     dist_info, device = setup_distributed(cfg.device)
