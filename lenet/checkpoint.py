@@ -7,11 +7,8 @@ lives in the file's metadata as JSON under the key "lenet". Loading never unpick
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from lenet import atomic
 from lenet.errors import LenetError
 
 FORMAT = "lenet-checkpoint"
@@ -33,25 +31,6 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # anything else, e.g. "rng.torch"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path so that a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,7 +61,10 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Atomically write model weights, optional optimizer state and extra tensors with meta as JSON."""
+    """Atomically write model weights, optional optimizer state and extra tensors with meta as JSON.
+
+    Raises atomic.WriteError (a LenetError naming path) when the file cannot be written; the old file stays.
+    """
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel / compiled wrappers
     model = getattr(model, "_orig_mod", model)
     all_tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -92,7 +74,7 @@ def save(
         all_tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     for key, value in (tensors or {}).items():
         all_tensors[f"extra.{key}"] = value.detach().cpu().contiguous()
-    atomic_write_bytes(path, st_save(all_tensors, metadata={"lenet": json.dumps(meta)}))
+    atomic.write_bytes(path, st_save(all_tensors, metadata={"lenet": json.dumps(meta)}))
 
 
 def _read_meta(path: Path, data: bytes) -> dict:
@@ -104,7 +86,7 @@ def _read_meta(path: Path, data: bytes) -> dict:
     try:
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["lenet"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise LenetError(f"{path}: not a lenet checkpoint (no readable 'lenet' metadata: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LenetError(f"{path}: not a lenet checkpoint (metadata format is not {FORMAT!r})")
@@ -124,7 +106,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for every malformed layout
-        raise LenetError(f"{path}: corrupt safetensors data: {e}") from None
+        raise LenetError(f"{path}: corrupt safetensors data: {_first_line(e)}") from None
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "extra": {}}
     for name, value in tensors.items():
         prefix, _, rest = name.partition(".")
@@ -133,12 +115,19 @@ def load(path: str | Path) -> Checkpoint:
         groups[prefix][rest if prefix != "optimizer" else name] = value
     optimizer_state = None
     if "optimizer_state" in meta:
-        optimizer_state = _unflatten_optimizer(groups["optimizer"], meta.pop("optimizer_state"))
+        try:
+            optimizer_state = _unflatten_optimizer(groups["optimizer"], meta.pop("optimizer_state"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LenetError(f"{path}: corrupt optimizer state: {_first_line(e)}") from None
     return Checkpoint(meta, groups["model"], optimizer_state, groups["extra"])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the exact model a checkpoint describes, in eval mode, with no other input."""
+    """Rebuild the exact model a checkpoint describes, in eval mode, with no other input.
+
+    Also checks what every user of the model relies on: finite weights, meta "normalization" (finite mean,
+    positive std) and "classes" (one name per output), and "input_shape" and "dataset" where present.
+    """
     from lenet.models import build
 
     ckpt = load(path)
@@ -146,7 +135,42 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         model = build(spec["name"], **spec.get("kwargs", {}))
         model.load_state_dict(ckpt.model_state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LenetError(f"{path}: checkpoint does not describe a buildable model: {first_line}") from None
-    return model.to(device).eval(), ckpt.meta
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        reason = _first_line(e)
+        raise LenetError(f"{path}: checkpoint does not describe a buildable model: {reason}") from None
+    _check_usable(path, model.eval(), ckpt.meta)
+    return model.to(device), ckpt.meta
+
+
+def _check_usable(path: Path, model: nn.Module, meta: dict) -> None:
+    def refuse(field: str, expected: str, found: object) -> LenetError:
+        return LenetError(f"{path}: checkpoint {field!r}: expected {expected}, found {found!r:.80}")
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LenetError(f"{path}: checkpoint weight {name!r} holds NaN or infinite values")
+    norm = meta.get("normalization")
+    if not (isinstance(norm, dict) and _is_number(norm.get("mean")) and _is_number(norm.get("std"))):
+        raise refuse("normalization", "finite mean and std", norm)
+    if norm["std"] <= 0:
+        raise refuse("normalization", "a positive std", norm["std"])
+    if meta.get("input_shape", [1, 28, 28]) != [1, 28, 28]:
+        raise refuse("input_shape", "[1, 28, 28]", meta["input_shape"])
+    if not isinstance(meta.get("dataset", ""), str):
+        raise refuse("dataset", "a name", meta["dataset"])
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 1, 28, 28)).shape[-1]
+    classes = meta.get("classes")
+    names = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    if not names or len(classes) != outputs:
+        raise refuse("classes", f"{outputs} names", classes)
+
+
+def _is_number(value: object) -> bool:
+    # comparing, not float(): a JSON integer may be too large for a float; NaN compares false
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -1e30 < value < 1e30
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -57,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr,
+        momentum=args.momentum,
         schedule=args.schedule,
         weight_decay=args.weight_decay,
         seed=args.seed,
@@ -110,8 +111,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         onnx_model = OnnxModel(args.checkpoint)
         classify, classes = onnx_model.predict, onnx_model.classes
     else:
+        import torch
+
         from lenet.predict import classifier, load
 
+        # One thread: single images are faster without hand-offs, and a folder's preprocessing workers take
+        # the other CPUs (lenet bench predict: 0.8 vs 1.0 ms per image, 5,800 vs 2,900 images/s on 2 CPUs).
+        torch.set_num_threads(1)
         model, meta = load(args.checkpoint, args.device)
         norm, classes = meta["normalization"], meta["classes"]
         classify = classifier(model, norm["mean"], norm["std"])
@@ -186,7 +192,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lenet.serve import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, backend=backend_of(args.checkpoint, args.backend))
+    backend = backend_of(args.checkpoint, args.backend)
+    serve(args.checkpoint, host=args.host, port=args.port, backend=backend, workers=args.workers)
     return 0
 
 
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size, split across torchrun processes")
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "sdlm"))
     p.add_argument("--lr", type=float, help="peak learning rate (sdlm: the paper's per-sample eta)")
+    p.add_argument("--momentum", type=float, help="sgd only (default 0.9; 0 for plain SGD)")
     p.add_argument("--schedule", choices=("constant", "step", "cosine", "one-cycle", "lecun1998"))
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--seed", type=int)
@@ -295,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
                    help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (default 1; more than one per CPU does not help)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="speed, always beside a baseline measured in the same run")

@@ -41,6 +41,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from lenet import atomic
 from lenet.errors import LenetError
 
 
@@ -162,8 +163,14 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
 
-def _header(head: bytes, f: BinaryIO, label: str) -> tuple[np.dtype, tuple[int, ...], bytes]:
-    """Parse the magic in `head` (4 bytes) and the dims that follow it in `f`; return dtype, dims, header."""
+def _header(
+    head: bytes, f: BinaryIO, label: str, shape: tuple[int, ...] | None
+) -> tuple[np.dtype, tuple[int, ...], bytes]:
+    """Parse the magic in `head` (4 bytes) and the dims that follow it in `f`; return dtype, dims, header.
+
+    `shape`: the uint8 shape the file must hold, if known; checked here, before any data is read, so that
+    a header claiming more (a gzip bomb behind it, say) never makes the reader hold more than the spec.
+    """
     if len(head) < 4:
         raise DataError(f"{label}: truncated: expected an IDX header, found {len(head)} bytes")
     code, ndim = head[2], head[3]
@@ -177,10 +184,13 @@ def _header(head: bytes, f: BinaryIO, label: str) -> tuple[np.dtype, tuple[int, 
         raise DataError(
             f"{label}: truncated: expected {4 + 4 * ndim} header bytes, found {4 + len(raw_dims)}"
         )
-    return _IDX_DTYPES[code], struct.unpack(f">{ndim}I", raw_dims), head + raw_dims
+    dtype, dims = _IDX_DTYPES[code], struct.unpack(f">{ndim}I", raw_dims)
+    if shape is not None and (dtype != np.uint8 or dims != shape):
+        raise DataError(f"{label}: wrong shape: expected uint8 {shape}, found {dtype} {dims}")
+    return dtype, dims, head + raw_dims
 
 
-def _read(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: Path, label: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read an IDX file, raw or gzipped; return (all decompressed bytes as uint8, the array, native order).
 
     Buffers are sized by the bytes actually present, never by the header's claim.
@@ -189,7 +199,7 @@ def _read(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             head = f.read(4)
             if head[:2] != _GZIP_MAGIC:
-                dtype, dims, header = _header(head, f, label)
+                dtype, dims, header = _header(head, f, label, shape)
                 expected = len(header) + math.prod(dims) * dtype.itemsize
                 found = os.fstat(f.fileno()).st_size
                 _check_length(label, expected, found)
@@ -199,7 +209,7 @@ def _read(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
                     raise DataError(f"{label}: file changed while being read")
             else:
                 f.seek(0)
-                buf, dtype, dims, header = _read_gzip(f, label)
+                buf, dtype, dims, header = _read_gzip(f, label, shape)
     except OSError as e:
         raise DataError(f"{label}: cannot read: {e.strerror or e}") from None
     data = buf[len(header) :].view(dtype).reshape(dims)
@@ -208,10 +218,12 @@ def _read(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
     return buf, data
 
 
-def _read_gzip(f: BinaryIO, label: str) -> tuple[np.ndarray, np.dtype, tuple[int, ...], bytes]:
+def _read_gzip(
+    f: BinaryIO, label: str, shape: tuple[int, ...] | None
+) -> tuple[np.ndarray, np.dtype, tuple[int, ...], bytes]:
     try:
         with gzip.GzipFile(fileobj=f) as gz:
-            dtype, dims, header = _header(gz.read(4), gz, label)
+            dtype, dims, header = _header(gz.read(4), gz, label, shape)
             expected = len(header) + math.prod(dims) * dtype.itemsize
             chunks, found = [header], len(header)
             # one byte past `expected` is enough to tell trailing data; memory grows only with real data
@@ -265,32 +277,15 @@ def write_idx(path: str | Path, array: np.ndarray, compress: bool = False) -> No
         else:
             f.write(header + payload.tobytes())
 
-    _atomic_write(Path(path), write)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    # temp file in the same folder so that os.replace is a rename within one file system
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Verification against a spec
 
 
-def _check(data: np.ndarray, spec: FileSpec, n_classes: int, label: str) -> None:
-    """The cheap checks: dtype, shape, and for labels the value range. Run on every load."""
-    if data.dtype != np.uint8 or data.shape != spec.shape:
-        raise DataError(f"{label}: wrong shape: expected uint8 {spec.shape}, found {data.dtype} {data.shape}")
+def _check(data: np.ndarray, n_classes: int, label: str) -> None:
+    """The cheap check after dtype and shape (`_header`): for labels, the value range. Run on every load."""
     if data.ndim == 1 and data.size and int(data.max()) >= n_classes:
         raise DataError(f"{label}: label {int(data.max())} out of range: expected labels below {n_classes}")
 
@@ -299,8 +294,8 @@ def _verify(
     path: Path, spec: FileSpec, n_classes: int, label: str, full: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one file; `full` adds the sha256 of the decompressed bytes. Returns (bytes, array)."""
-    buf, data = _read(path, label)
-    _check(data, spec, n_classes, label)
+    buf, data = _read(path, label, spec.shape)
+    _check(data, n_classes, label)
     if len(buf) != spec.size:  # only reachable with a spec whose size disagrees with its shape
         raise DataError(f"{label}: wrong size: expected {spec.size} bytes, found {len(buf)}")
     if full:
@@ -479,10 +474,11 @@ def _acquire(name: str, data_dir: str | Path | None, log: Callable[[str], None] 
             for role, (buf, _) in checked.items():
                 target = cache / spec.files[role].name
                 if not (target.is_file() and target.stat().st_size == spec.files[role].size):
-                    _atomic_write(target, lambda f, buf=buf: f.write(buf.data))
-        except OSError as e:
+                    atomic.write(target, lambda f, buf=buf: f.write(buf.data))
+        except (OSError, atomic.WriteError) as e:
+            reason = e.reason if isinstance(e, atomic.WriteError) else e.strerror or e
             hint = "set LENET_DATA_DIR to a writable folder"
-            raise DataError(f"{name}: cannot write the cache {cache}: {e.strerror or e} ({hint})") from None
+            raise DataError(f"{name}: cannot write the cache {cache}: {reason} ({hint})") from None
         arrays = {role: checked[role][1] for role in ROLES}
         return _Found(arrays, f"{source}, cached in {cache}", tried, cache)
 

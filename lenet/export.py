@@ -35,7 +35,6 @@ import importlib
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lenet import atomic
 from lenet.errors import LenetError
 
 if TYPE_CHECKING:
@@ -479,26 +479,8 @@ def verify(path: str | Path, checkpoint_path: str | Path, data_dir: str | Path |
 
 
 def _write_verified(path: Path, data: bytes, check: Callable[[Path], dict]) -> dict:
-    """Write data to a temp file beside path, check that file, then rename it into place; else delete it.
-
-    checkpoint.atomic_write_bytes does the same minus the check between writing and renaming.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; a model file is for others to read too
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        result = check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return result
+    """Write data to a temp file beside path, check that file, then rename it into place; else delete it."""
+    return atomic.write(path, lambda f: f.write(data), check)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""A faster CPU training path for `classic`: its two conv/sigmoid/pool stages as one fused C++ kernel.
+"""A faster CPU training path for `classic` and `modern`: their conv stages as fused C++ kernels.
 
-The kernel (csrc/fused_lenet.cpp, plain C++ with OpenMP) is compiled on first use with the local C++
+The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use with the local C++
 compiler (a few seconds) and cached under the user's cache directory. `fast_forward(model)` wraps a classic
-model in a module that computes the same function with the same parameters (gradients equal autograd's
-within float rounding); it returns None, and the caller keeps the plain model, when the model is not
-classic, not a float32 CPU model, the kernel cannot be built, or LENET_NO_EXT=1 is set.
+or modern model in a module that computes the same function with the same parameters (gradients equal
+autograd's within float rounding; modern's batch norms update their running statistics as nn.BatchNorm2d
+does); it returns None, and the caller keeps the plain model, when the model is neither, not a float32 CPU
+model, the kernel cannot be built, or LENET_NO_EXT=1 is set.
 """
 
 from __future__ import annotations
@@ -79,7 +80,17 @@ def load_extension() -> ctypes.CDLL | None:
         lib.lenet_sizes.argtypes, lib.lenet_sizes.restype = [ctypes.c_int], ctypes.c_int
         lib.lenet_forward.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         lib.lenet_backward.argtypes = [_P, _P, ctypes.c_int64, _P, _P, _P, _P, _P, ctypes.c_int]
-        lib.lenet_forward.restype = lib.lenet_backward.restype = None
+        lib.lenet_infer.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _P, ctypes.c_int]
+        lib.lenet_forward.restype = lib.lenet_backward.restype = lib.lenet_infer.restype = None
+        i64, threads = ctypes.c_int64, ctypes.c_int
+        lib.modern_conv1.argtypes = [_P, i64, _P, _P, _P, threads]
+        lib.modern_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, threads]
+        lib.modern_pool2.argtypes = [_P, i64, _P, _P, _P, threads]
+        lib.modern_back_pool2.argtypes = [_P, i64, _P, _P, _P, _P, _P, threads]
+        lib.modern_back_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, threads]
+        lib.modern_back_conv1.argtypes = [_P, _P, i64, _P, _P, _P, threads]
+        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1"):
+            getattr(lib, f"modern_{name}").restype = None
         _lib = lib
     return _lib
 
@@ -114,21 +125,119 @@ class _ClassicFeatures(torch.autograd.Function):
         return None, gw1.view(6, 1, 5, 5), gb1, gw2.view(16, 6, 5, 5), gb2, None
 
 
-def _activations(workspace: list[torch.Tensor] | None, blocks: int) -> list[torch.Tensor]:
-    """The saved-activation buffers (s1, p1, s2), reused from `workspace` when it has the right size.
+def _activations(
+    workspace: list[torch.Tensor] | None, blocks: int, kinds: tuple[int, ...] = (0, 1, 2)
+) -> list[torch.Tensor]:
+    """The saved-activation buffers (by default s1, p1, s2: kinds index lenet_sizes), reused from
+    `workspace` when it has the right size.
 
     Fresh multi-megabyte buffers every step cost about as much as the kernel's forward pass (page faults).
     A graph still holding the previous buffers gets autograd's clear in-place-modification error on
     backward (the empty in-place write below bumps their version), never silently wrong gradients.
     """
     if workspace is None:
-        return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
+        return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in kinds]
     if not workspace or len(workspace[0]) != blocks:
-        workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
+        workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in kinds]
     else:
         for t in workspace:
             t[:0].zero_()
     return workspace
+
+
+class _ModernFeatures(torch.autograd.Function):
+    """(N, 1, 28, 28) -> (N, 400) in training mode: conv1, bn1, ReLU, pool1, conv2, bn2, ReLU, pool2, flatten.
+
+    Batch norm uses the batch's statistics, and the running statistics of bn1 and bn2 are updated as
+    nn.BatchNorm2d updates them. Statistics and the coefficients of batch norm's backward are computed here
+    in float64 from per-channel sums the kernel returns.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, bn1, bn2, workspace):
+        lib, n, threads = _lib, len(x), torch.get_num_threads()
+        w1, w2 = w1.detach().contiguous(), w2.detach().contiguous()
+        z1, p1, z2 = _activations(workspace, (n + 7) // 8)
+        stats1 = torch.empty(12, dtype=torch.float64)
+        lib.modern_conv1(_ptr(x), n, _ptr(w1), _ptr(z1), _ptr(stats1), threads)
+        scale1, shift1, norm1 = _batch_norm(stats1, n * 28 * 28, g1, b1, bn1)
+        stats2 = torch.empty(32, dtype=torch.float64)
+        lib.modern_conv2(
+            _ptr(z1), n, _ptr(scale1), _ptr(shift1), _ptr(w2), _ptr(p1), _ptr(z2), _ptr(stats2), threads
+        )
+        scale2, shift2, norm2 = _batch_norm(stats2, n * 10 * 10, g2, b2, bn2)
+        out = x.new_empty(n, 400)
+        lib.modern_pool2(_ptr(z2), n, _ptr(scale2), _ptr(shift2), _ptr(out), threads)
+        ctx.save_for_backward(x, w2, z1, p1, z2, scale1, shift1, scale2, shift2)
+        ctx.norms = (norm1, norm2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib, threads = _lib, torch.get_num_threads()
+        x, w2, z1, p1, z2, scale1, shift1, scale2, shift2 = ctx.saved_tensors
+        norm1, norm2 = ctx.norms
+        n = len(x)
+        grad = grad.contiguous()
+        dy1, dy2 = torch.empty_like(z1), torch.empty_like(z2)
+        sums2, sums1 = torch.empty(32, dtype=torch.float64), torch.empty(12, dtype=torch.float64)
+        lib.modern_back_pool2(
+            _ptr(grad), n, _ptr(z2), _ptr(scale2), _ptr(shift2), _ptr(dy2), _ptr(sums2), threads
+        )
+        coef2, gg2, gb2 = _batch_norm_backward(sums2, n * 10 * 10, norm2)
+        gw2 = torch.empty(2400)
+        lib.modern_back_conv2(
+            _ptr(dy2),
+            n,
+            _ptr(z2),
+            _ptr(coef2),
+            _ptr(p1),
+            _ptr(w2),
+            _ptr(z1),
+            _ptr(scale1),
+            _ptr(shift1),
+            _ptr(dy1),
+            _ptr(gw2),
+            _ptr(sums1),
+            threads,
+        )
+        coef1, gg1, gb1 = _batch_norm_backward(sums1, n * 28 * 28, norm1)
+        gw1 = torch.empty(150)
+        lib.modern_back_conv1(_ptr(dy1), _ptr(x), n, _ptr(z1), _ptr(coef1), _ptr(gw1), threads)
+        return None, gw1.view(6, 1, 5, 5), gg1, gb1, gw2.view(16, 6, 5, 5), gg2, gb2, None, None, None
+
+
+def _batch_norm(
+    stats: torch.Tensor, count: int, gamma: torch.Tensor, beta: torch.Tensor, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Per-channel sums and sums of squares of a conv output -> batch norm as y = z * scale + shift, and
+    what backward needs; updates bn's running statistics (momentum, unbiased variance) as PyTorch does."""
+    channels = len(gamma)
+    mean = stats[:channels] / count
+    var = (stats[channels:] / count - mean * mean).clamp_(min=0)  # biased, as the batch normalises with
+    invstd = (var + bn.eps).rsqrt()
+    g = gamma.detach().double()
+    scale = (g * invstd).float()
+    shift = (beta.detach().double() - mean * g * invstd).float()
+    if bn.track_running_stats and bn.running_mean is not None:
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(mean.float(), momentum)
+        bn.running_var.lerp_((var * count / max(count - 1, 1)).float(), momentum)
+    return scale, shift, (mean, invstd, g)
+
+
+def _batch_norm_backward(sums: torch.Tensor, count: int, norm: tuple) -> tuple[torch.Tensor, ...]:
+    """Per-channel sums of dy and dy * z -> (coefficients a, bz, c with dz = a dy + bz z + c, as one
+    float32 tensor; d gamma; d beta)."""
+    mean, invstd, g = norm
+    channels = len(mean)
+    sum_dy, sum_dyz = sums[:channels], sums[channels:]
+    d_gamma = invstd * (sum_dyz - mean * sum_dy)  # sum of dy * xhat
+    a = g * invstd
+    bz = -a * invstd * d_gamma / count
+    c = -a * sum_dy / count - bz * mean
+    return torch.cat([a, bz, c]).float(), d_gamma.float(), sum_dy.float()
 
 
 class FastClassic(nn.Module):
@@ -152,35 +261,93 @@ class FastClassic(nn.Module):
             or x.requires_grad
         ):
             return net(x)
-        workspace = self._workspace if torch.is_grad_enabled() else None  # no-grad calls keep it intact
-        feats = _ClassicFeatures.apply(  # (N, 400)
-            x.contiguous(), net.conv1.weight, net.conv1.bias, net.conv2.weight, net.conv2.bias, workspace
-        )
+        if torch.is_grad_enabled():
+            feats = _ClassicFeatures.apply(  # (N, 400)
+                x.contiguous(),
+                net.conv1.weight,
+                net.conv1.bias,
+                net.conv2.weight,
+                net.conv2.bias,
+                self._workspace,
+            )
+        else:  # evaluation: no activations kept
+            x = x.contiguous()
+            params = [
+                t.detach().contiguous()
+                for t in (net.conv1.weight, net.conv1.bias, net.conv2.weight, net.conv2.bias)
+            ]
+            feats = x.new_empty(len(x), 400)
+            _lib.lenet_infer(_ptr(x), len(x), *map(_ptr, params), _ptr(feats), torch.get_num_threads())
         h = torch.sigmoid(net.fc1(feats))  # (N, 120)
         h = torch.sigmoid(net.fc2(h))  # (N, 84)
         return net.fc3(h)  # (N, 10)
 
 
-def _is_classic(model: nn.Module) -> bool:
-    from lenet.models import classic
+class FastModern(nn.Module):
+    """`modern` with the fused kernels in training mode; shares the wrapped model's parameters and buffers.
 
+    In eval mode, and for inputs the kernels cannot handle, the plain model runs, so the result is always
+    the model's function.
+    """
+
+    def __init__(self, net: nn.Sequential):
+        super().__init__()
+        self.net = net
+        self.head = net[list(dict(net.named_children())).index("flatten") + 1 :]  # fc1 ... fc3, shared
+        self._workspace: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if (
+            not self.training
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or x.shape[1:] != (1, 28, 28)
+            or x.requires_grad
+        ):
+            return net(x)
+        workspace = self._workspace if torch.is_grad_enabled() else None
+        feats = _ModernFeatures.apply(  # (N, 400)
+            x.contiguous(),
+            net.conv1.weight,
+            net.bn1.weight,
+            net.bn1.bias,
+            net.conv2.weight,
+            net.bn2.weight,
+            net.bn2.bias,
+            net.bn1,
+            net.bn2,
+            workspace,
+        )
+        return self.head(feats)  # (N, 10)
+
+
+def _same_layers(model: nn.Module, build) -> bool:
+    """Whether model is an nn.Sequential with the same named layers (types and settings) as build()."""
     if not isinstance(model, nn.Sequential):
         return False
     with torch.random.fork_rng(devices=[]):  # building the reference must not shift the caller's RNG
-        reference = classic()
+        reference = build()
     ours, ref = list(model.named_children()), list(reference.named_children())
     return len(ours) == len(ref) and all(
-        name == rname and type(layer) is type(rlayer) and layer.extra_repr() == rlayer.extra_repr()
+        name == rname
+        and type(layer) is type(rlayer)
+        and (isinstance(layer, nn.Dropout) or layer.extra_repr() == rlayer.extra_repr())  # any dropout rate
         for (name, layer), (rname, rlayer) in zip(ours, ref, strict=True)
     )
 
 
-def fast_forward(model: nn.Module) -> FastClassic | None:
-    """A FastClassic sharing `model`'s parameters, or None when the fused path does not apply."""
-    if not _is_classic(model):
+def fast_forward(model: nn.Module) -> FastClassic | FastModern | None:
+    """A FastClassic or FastModern sharing `model`'s parameters, or None when no fused path applies."""
+    from lenet.models import classic, modern
+
+    wrapper = (
+        FastClassic if _same_layers(model, classic) else FastModern if _same_layers(model, modern) else None
+    )
+    if wrapper is None:
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         return None
     if load_extension() is None:
         return None
-    return FastClassic(model)
+    return wrapper(model)

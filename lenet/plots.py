@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lenet.checkpoint import atomic_write_bytes
+from lenet import atomic
 from lenet.errors import LenetError
 
 
@@ -40,7 +40,7 @@ def _figure(width: float, height: float):
 def _save(figure, path: str | Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
     return Path(path)
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lenet.errors import LenetError
 
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding (Pillow's own bomb guard stays on as well)
+MAX_SIDE = 1_000_000  # and longer sides: Pillow spends a pointer on every row, so 1 x MAX_PIXELS costs 9x
 WORK_SIDE = 800  # larger images are box-reduced to at most this many pixels a side before any analysis
 INVERT_CHOICES = ("auto", "yes", "no")
 BOX, FIELD = 20, 28  # MNIST: digit fitted into 20x20, placed in 28x28
@@ -47,6 +50,7 @@ THIN, TARGET = 1.2, 1.8
 
 _LEVELS = np.arange(256)
 _LEVELS_F32 = np.arange(256, dtype=np.float32)
+_POSITIONS = np.arange(FIELD, dtype=np.float32)
 
 Source = str | Path | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray | list
 
@@ -93,8 +97,7 @@ def _as_array(source, label: str) -> np.ndarray:
         grey = grey[0]  # (1, H, W) as a model input holds it
     if grey.ndim != 2 or grey.size == 0:
         raise LenetError(f"{label}: expected a 2-D array of grey levels 0..255, got shape {grey.shape}")
-    if grey.size > MAX_PIXELS:
-        raise LenetError(f"{label}: {grey.shape[1]}x{grey.shape[0]} is more than {MAX_PIXELS:,} pixels")
+    _check_size(grey.shape[1], grey.shape[0], label)
     if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 255:
         raise LenetError(f"{label}: expected grey levels 0..255, found values outside that range")
     if max(grey.shape) > WORK_SIDE:
@@ -110,30 +113,57 @@ def _decode(source, label: str) -> np.ndarray:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         elif isinstance(source, (str, Path)):
-            if Path(source).is_dir():
-                raise LenetError(f"{label}: is a folder, not an image")
-        else:
+            source = _file(source, label)
+        elif hasattr(source, "read"):
             source = io.BytesIO(source.read())
+        else:  # e.g. a number or null where JSON should have held rows of pixels
+            raise LenetError(f"{label}: expected an image or a 2-D array, got {type(source).__name__}")
         with Image.open(source) as image:
             return _pixels(image, label, opened=True)
     except FileNotFoundError:
         raise LenetError(f"{label}: no such file") from None
     except Image.DecompressionBombError as e:
         raise LenetError(f"{label}: refused as a decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:  # (Pillow's own words name the buffer the file was read into)
+        raise LenetError(f"{label}: not a readable image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LenetError(f"{label}: not a readable image ({detail})") from None
 
 
+def _file(path: str | Path, label: str) -> io.BytesIO | str | Path:
+    """What Pillow opens for a path: a regular file's bytes, read in one go (Pillow reading the file piece
+    by piece costs a sixth of a small PNG's preprocessing); anything else, e.g. a pipe, as the path, of
+    which Pillow reads only what it needs."""
+    kind = os.stat(path).st_mode
+    if stat.S_ISDIR(kind):
+        raise LenetError(f"{label}: is a folder, not an image")
+    if not stat.S_ISREG(kind):
+        return path
+    with open(path, "rb", buffering=0) as file:
+        return io.BytesIO(file.read())
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        limits = f"{MAX_PIXELS:,} pixels or {MAX_SIDE:,} a side"
+        raise LenetError(f"{label}: {width}x{height} is more than {limits}")
+
+
 def _pixels(image: Image.Image, label: str, opened: bool) -> np.ndarray:
-    if image.width * image.height > MAX_PIXELS:
-        raise LenetError(f"{label}: {image.width}x{image.height} is more than {MAX_PIXELS:,} pixels")
+    _check_size(image.width, image.height, label)
     if opened and image.format == "JPEG" and image.mode in ("RGB", "L"):  # (a caller's image: left as is)
         image.draft("L", (WORK_SIDE, WORK_SIDE))  # the decoder scales big photos by 1/2..1/8 as it reads
     image.load()
     if image.format == "TIFF" or "exif" in image.info:  # only these can hold an EXIF orientation
-        image = ImageOps.exif_transpose(image)
+        if opened:  # in place: the full-size original is dropped as its turned copy takes its place
+            ImageOps.exif_transpose(image, in_place=True)
+        else:
+            image = ImageOps.exif_transpose(image)
     if max(image.size) > WORK_SIDE:
+        if image.mode in ("1", "P", "PA") or image.mode.startswith("I;16"):  # reduce() refuses these modes
+            alpha = image.mode == "PA" or "transparency" in image.info  # or averages palette indices
+            image = image.convert("I" if image.mode.startswith("I;16") else "LA" if alpha else "L")
         image = image.reduce(math.ceil(max(image.size) / WORK_SIDE))
     return _grey(image)
 
@@ -145,7 +175,9 @@ def _grey(image: Image.Image) -> np.ndarray:
         return np.round(np.clip(grey * (255.0 / top), 0, 255)).astype(np.uint8)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
-        return np.asarray(image if image.mode == "L" else image.convert("L"))
+        grey = image if image.mode == "L" else image.convert("L")
+        # (the bytes as they are: np.asarray goes through __array_interface__, slower on small images)
+        return np.frombuffer(grey.tobytes(), np.uint8).reshape(grey.height, grey.width)
     grey, alpha = np.moveaxis(np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32), -1, 0)
     alpha /= 255.0
     opaque = grey[alpha > 0.5]
@@ -160,9 +192,9 @@ def _grey(image: Image.Image) -> np.ndarray:
 
 def _mnist_style(grey: np.ndarray, invert: str, label: str) -> np.ndarray:
     image, soft = _ink(grey, invert, label)  # soft[image]: the ink in 0..1, (H, W)
-    mask = (soft > 0.5)[image]  # more ink than paper
+    mask = (soft > 0.5).take(image)  # more ink than paper
     rows, cols = _digit_extent(mask)
-    return _fit_and_centre(soft[image[rows, cols]], _stroke_width(mask[rows, cols]))
+    return _fit_and_centre(soft.take(image[rows, cols]), _stroke_width(mask[rows, cols]))
 
 
 def _ink(grey: np.ndarray, invert: str, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -170,39 +202,43 @@ def _ink(grey: np.ndarray, invert: str, label: str) -> tuple[np.ndarray, np.ndar
 
     Polarity, the paper's level and noise, Otsu's split and the ramp between paper and ink all act on
     grey levels, so they are computed on 256-bin histograms and composed into one table: on a small image
-    this costs a few dozen operations on 256 numbers, not on every pixel.
+    this costs a few dozen operations on 256 numbers, not on every pixel. (Array methods, not the np.*
+    functions that wrap them: at this size the wrappers' dispatch costs as much as the work.)
     """
-    border = np.sort(_border(grey))
+    border = np.sort(grey.take(_border(*grey.shape)))
     paper = int(border[len(border) // 2])  # the border is mostly paper
     counts = np.bincount(grey.ravel(), minlength=256)
-    present = np.flatnonzero(counts)
-    if present[-1] - present[0] < MIN_RANGE:
-        raise LenetError(f"{label}: the image is blank (grey levels {present[0]} to {present[-1]})")
+    present = counts.nonzero()[0]
+    darkest, brightest = int(present[0]), int(present[-1])
+    if brightest - darkest < MIN_RANGE:
+        raise LenetError(f"{label}: the image is blank (grey levels {darkest} to {brightest})")
     # dark ink on light paper: the paper is nearer the brightest level than the darkest
-    dark_ink = 2 * paper > present[0] + present[-1] if invert == "auto" else invert == "yes"
+    dark_ink = 2 * paper > darkest + brightest if invert == "auto" else invert == "yes"
     if int(border[-1]) - int(border[0]) >= MIN_RANGE:  # uneven paper (light across a photo): flatten it
         ink = (255 - grey if dark_ink else grey).astype(np.float32)
         ink -= _paper(ink)
         grey = np.round(np.clip(ink, 0, 255, out=ink)).astype(np.uint8)
         counts, to_ink = np.bincount(grey.ravel(), minlength=256), _LEVELS
     else:  # grey level -> ink level, the paper at 0
-        to_ink = np.maximum(paper - _LEVELS if dark_ink else _LEVELS - paper, 0)
+        to_ink = _ink_levels(paper, dark_ink)
     counts = np.bincount(to_ink, weights=counts, minlength=256)  # (256,) pixels per ink level
-    cumulative = np.cumsum(counts)
-    total = cumulative[-1]
-    if int(np.searchsorted(cumulative, total)) < MIN_RANGE:  # the strongest ink level present
+    cumulative = counts.cumsum()
+    total = float(cumulative[-1])
+    if int(cumulative.searchsorted(total)) < MIN_RANGE:  # the strongest ink level present
         shade, flag = ("darker", "no") if dark_ink else ("lighter", "yes")
         raise LenetError(
             f"{label}: no clear foreground (nothing is {shade} than the background; --invert {flag}?)"
         )
     threshold = _otsu(counts, cumulative)  # levels <= threshold: paper
-    paper_count = cumulative[threshold]
+    paper_count = float(cumulative[threshold])
     if total - paper_count > MAX_INK_FRACTION * total:
         raise LenetError(f"{label}: no clear foreground (no digit stands out from the background)")
-    paper_level = int(np.searchsorted(cumulative, paper_count / 2))  # medians of each class
-    typical = int(np.searchsorted(cumulative, (paper_count + total) / 2))
-    deviations = np.abs(_LEVELS[: threshold + 1] - paper_level)
-    noise = 1.4826 * _median(np.bincount(deviations, weights=counts[: threshold + 1]))  # robust sigma
+    paper_level, typical = cumulative.searchsorted((paper_count / 2, (paper_count + total) / 2)).tolist()
+    if counts[paper_level] >= paper_count / 2:  # most paper at one level (clean scans): median deviation 0
+        noise = 0.0
+    else:
+        deviations = abs(_LEVELS[: threshold + 1] - paper_level)
+        noise = 1.4826 * _median(np.bincount(deviations, weights=counts[: threshold + 1]))  # robust sigma
     contrast = typical - paper_level
     if contrast < MIN_CONTRAST or contrast < MIN_SNR * noise:
         raise LenetError(
@@ -214,18 +250,32 @@ def _ink(grey: np.ndarray, invert: str, label: str) -> tuple[np.ndarray, np.ndar
     # crop: faint strokes (a thin line, anti-aliased) stay part of the digit
     top = min(typical, 2 * (threshold + 0.5) - floor)
     soft = (_LEVELS_F32 - np.float32(floor)) * np.float32(1 / max(top - floor, 1.0))
-    return grey, np.minimum(np.maximum(soft, 0, out=soft), 1, out=soft)[to_ink]
+    return grey, np.minimum(np.maximum(soft, 0, out=soft), 1, out=soft).take(to_ink)
+
+
+@functools.lru_cache(maxsize=512)
+def _ink_levels(paper: int, dark_ink: bool) -> np.ndarray:
+    """(256,) grey level -> ink level on even paper: how far beyond the paper towards the ink, else 0."""
+    levels = np.maximum(paper - _LEVELS if dark_ink else _LEVELS - paper, 0)
+    levels.flags.writeable = False  # shared by every call
+    return levels
 
 
 def _median(counts: np.ndarray) -> int:
     """The median level of a histogram (counts per level)."""
-    cumulative = np.cumsum(counts)
-    return int(np.searchsorted(cumulative, cumulative[-1] / 2))
+    cumulative = counts.cumsum()
+    return int(cumulative.searchsorted(cumulative[-1] / 2))
 
 
-def _border(image: np.ndarray) -> np.ndarray:
-    k = max(1, min(image.shape) // 50)
-    return np.concatenate([image[:k], image[-k:], image[:, :k].T, image[:, -k:].T], axis=None)
+@functools.lru_cache(maxsize=512)
+def _border(h: int, w: int) -> np.ndarray:
+    """Flat indices of an (h, w) image's border: its outer 2% (at least a pixel) on each side, corners in
+    both a row and a column."""
+    k = max(1, min(h, w) // 50)
+    index = np.arange(h * w).reshape(h, w)
+    border = np.concatenate((index[:k], index[-k:], index[:, :k].T, index[:, -k:].T), axis=None)
+    border.flags.writeable = False  # shared by every call
+    return border
 
 
 def _paper(ink: np.ndarray) -> np.ndarray:
@@ -260,11 +310,11 @@ def _otsu(counts: np.ndarray, cumulative: np.ndarray) -> int:
     up to a constant, with n(k) the pixels at levels <= k and mass(k) the sum of their levels.
     """
     total = cumulative[-1]
-    mass = np.cumsum(counts * _LEVELS)
+    mass = (counts * _LEVELS).cumsum()
     between = (mass[-1] * cumulative - mass * total) ** 2 / np.maximum(
         cumulative * (total - cumulative), 1e-9
     )
-    return int(np.argmax(between))
+    return int(between.argmax())
 
 
 def _digit_extent(mask: np.ndarray) -> tuple[slice, slice]:
@@ -300,12 +350,13 @@ def _main_run(profile: np.ndarray) -> tuple[slice, bool]:
 
 
 def _stroke_width(mask: np.ndarray) -> float:
-    """Stroke width in pixels of a mask: for a stroke of length L and width W, 2 L W / (2 L + 2 W) ~ W."""
-    h, w = mask.shape
-    framed = np.zeros((h + 2, w + 2), dtype=bool)  # a margin, so that edges along the crop count too
-    framed[1:-1, 1:-1] = mask
-    edges = np.count_nonzero(framed[1:] != framed[:-1]) + np.count_nonzero(framed[:, 1:] != framed[:, :-1])
-    return 2 * np.count_nonzero(mask) / max(edges, 1)
+    """Stroke width in pixels of a mask: for a stroke of length L and width W, 2 L W / (2 L + 2 W) ~ W.
+
+    The boundary, edges along the mask's own border included, is 4 edges per ink pixel less 2 per pair of
+    ink pixels side by side."""
+    ink = np.count_nonzero(mask)
+    touching = np.count_nonzero(mask[1:] & mask[:-1]) + np.count_nonzero(mask[:, 1:] & mask[:, :-1])
+    return 2 * ink / max(4 * ink - 2 * touching, 1)
 
 
 @functools.lru_cache(maxsize=512)
@@ -323,7 +374,7 @@ def _fit_and_centre(digit: np.ndarray, width: float) -> np.ndarray:
     scale = BOX / max(h, w)
     out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
     if width * scale >= THIN:
-        box = _resampler(h, out_h) @ digit @ _resampler(w, out_w).T  # (out_h, out_w)
+        box = _resampler(h, out_h).dot(digit).dot(_resampler(w, out_w).T)  # (out_h, out_w)
     else:  # thicken on a grid FINE times finer than the box, then average down
         fine = np.asarray(Image.fromarray(digit, "F").resize((out_w * FINE, out_h * FINE), Image.BILINEAR))
         if width * scale * FINE < 1:  # narrower than a fine pixel: shrinking spread it out, fainter
@@ -333,10 +384,10 @@ def _fit_and_centre(digit: np.ndarray, width: float) -> np.ndarray:
 
     row_mass, col_mass = box.sum(1), box.sum(0)
     mass = row_mass.sum()
-    com_y = float(row_mass @ np.arange(out_h, dtype=np.float32)) / mass
-    com_x = float(col_mass @ np.arange(out_w, dtype=np.float32)) / mass
+    com_y = float(row_mass.dot(_POSITIONS[:out_h])) / mass
+    com_x = float(col_mass.dot(_POSITIONS[:out_w])) / mass
     # MNIST moved digits by whole pixels: its centres of mass sit on pixel 14 +- 0.5
-    top, left = round(FIELD // 2 - com_y), round(FIELD // 2 - com_x)
+    top, left = round(float(FIELD // 2 - com_y)), round(float(FIELD // 2 - com_x))
     field = np.zeros((FIELD, FIELD), dtype=np.uint8)
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + out_h, FIELD), min(left + out_w, FIELD)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lenet import checkpoint, data
+from lenet import atomic, data
 from lenet.errors import LenetError
 from lenet.train import TrainConfig, fit
 
@@ -118,13 +118,11 @@ def train_command(cfg: TrainConfig, row: Row) -> str:
     """The `lenet train` line that repeats one run (the model's recipe plus the row's overrides)."""
     parts = ["lenet train", f"--model {cfg.model}"]
     flags = {"dataset": "--dataset", "epochs": "--epochs", "batch_size": "--batch-size",
-             "optimizer": "--optimizer", "lr": "--lr", "schedule": "--schedule",
+             "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "schedule": "--schedule",
              "weight_decay": "--weight-decay", "augment": "--augment"}  # fmt: skip
     for name, flag in flags.items():
         if name in row.overrides:
             parts.append(f"{flag} {getattr(cfg, name)}")
-    if "momentum" in row.overrides:  # no CLI flag: say it
-        parts.append(f"(momentum {cfg.momentum})")
     parts += [f"--seed {cfg.seed}", f"--out {cfg.out}"]
     return " ".join(parts)
 
@@ -265,7 +263,7 @@ def run(
     runs_dir = Path(runs_dir)
     default_out = runs_dir / f"reproduce-{name}-smoke.md" if smoke else Path(f"docs/reproduce-{name}.md")
     out = Path(out) if out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.make_folder(out.parent)
     plan = configs(name, seeds, smoke, runs_dir, device=device, data_dir=data_dir, resume=resume)
     command = f"lenet reproduce {name} --seeds {seeds}" + (" --smoke" if smoke else "")
 
@@ -283,7 +281,7 @@ def run(
             "seeds": list(range(seeds)),
             "smoke": smoke,
         }
-        checkpoint.atomic_write_bytes(out, report(name, results, meta).encode())
+        atomic.write_bytes(out, report(name, results, meta).encode())
 
     for row, cfgs in plan:
         if only is not None and row.key not in only:

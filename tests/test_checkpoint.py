@@ -8,7 +8,12 @@ from lenet import checkpoint
 from lenet.errors import LenetError
 from lenet.models import build
 
-META = {"model": {"name": "modern", "kwargs": {}}, "epoch": 3, "classes": list("0123456789")}
+META = {
+    "model": {"name": "modern", "kwargs": {}},
+    "normalization": {"mean": 0.1307, "std": 0.3081},
+    "epoch": 3,
+    "classes": list("0123456789"),
+}
 
 
 def saved(tmp_path, with_optimizer=False):

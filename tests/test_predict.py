@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
+from lenet import imagefiles
 from lenet.errors import LenetError
 from lenet.evaluate import predict_logits
 from lenet.imagefiles import expand_paths, predict_files
 from lenet.models import build
-from lenet.predict import classifier, feature_maps, first_filters, fold_batch_norm, predict
+from lenet.predict import (
+    SMALL_BATCH,
+    WindowMax,
+    classifier,
+    feature_maps,
+    first_filters,
+    fold_batch_norm,
+    predict,
+)
+from lenet.preprocess import preprocess
 
 DIGITS = Path(__file__).parent / "digits"
 
@@ -49,6 +60,23 @@ def test_predict_refuses_what_breaks_the_contract(model):
         predict(model, torch.zeros(28, 28, dtype=torch.uint8), 0.13, 0.31)
     with pytest.raises(ValueError, match="28, 28"):
         predict(model, torch.zeros(2, 32, 32, dtype=torch.uint8), 0.13, 0.31)
+
+
+def test_small_batches_agree_with_large_ones_and_leave_torch_settings_as_found(model):
+    images = torch.randint(0, 256, (4 * SMALL_BATCH, 28, 28), dtype=torch.uint8)
+    together = predict(model, images, 0.13, 0.31)  # oneDNN's convolutions
+    alone = torch.cat([predict(model, image[None], 0.13, 0.31) for image in images])  # PyTorch's own
+    assert torch.allclose(alone, together, atol=1e-6)
+    found = torch.backends.mkldnn.enabled
+    try:
+        for setting in (False, True):
+            torch.backends.mkldnn.enabled = setting
+            with ThreadPoolExecutor(4) as threads:  # overlapping small batches, as a server's threads make
+                answers = list(threads.map(lambda image: predict(model, image[None], 0.13, 0.31), images))
+            assert torch.backends.mkldnn.enabled is setting
+            assert torch.allclose(torch.cat(answers), together, atol=1e-6)
+    finally:
+        torch.backends.mkldnn.enabled = found
 
 
 def test_predict_leaves_a_training_model_training():
@@ -99,6 +127,17 @@ def test_folding_batch_norm_keeps_the_function_and_the_feature_maps():
     assert fold_batch_norm(build("classic")).state_dict().keys() == build("classic").state_dict().keys()
 
 
+@pytest.mark.parametrize("k, size", [(2, (28, 28)), (2, (11, 9)), (3, (10, 14))])
+def test_window_max_is_max_pooling_exactly(k, size):
+    pool = torch.nn.MaxPool2d(k)
+    assert WindowMax.can_replace(pool) and not WindowMax.can_replace(torch.nn.MaxPool2d(k, stride=1))
+    for batch in (1, 4 * SMALL_BATCH):  # max_pool2d itself, then the elementwise maxima
+        x = torch.randn(batch, 3, *size)
+        x[0, 0, 0, 0] = float("nan")
+        assert torch.equal(WindowMax(k)(x).nan_to_num(), pool(x).nan_to_num())
+        assert WindowMax(k)(x)[0, 0, 0, 0].isnan()
+
+
 def test_expand_paths_takes_files_folders_globs_and_stdin(tmp_path):
     for name in ("b.png", "a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
@@ -131,6 +170,22 @@ def test_predict_files_reports_failures_in_place_and_goes_on(model, tmp_path):
     assert all(abs(sum(row["probabilities"]) - 1) < 1e-5 for row in good_rows)
     pooled = list(predict_files(classifier(model, 0.13, 0.31), paths, workers=2))
     assert pooled == rows  # worker processes change nothing but the speed
+
+
+def test_predict_files_keeps_the_order_across_worker_jobs_and_forward_passes(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagefiles, "JOB", 3)  # files per worker job
+    monkeypatch.setattr(imagefiles, "CHUNK", 3)  # here a forward pass per job
+    good = [str(path) for path in sorted(DIGITS.glob("*.png"))[:9]]
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    paths = [str(broken), *good[:5], *[str(broken)] * 3, *good[5:]]  # jobs: mixed, good, broken, good, 1 good
+    classify = classifier(model, 0.13, 0.31)
+    rows = list(predict_files(classify, paths, workers=0))
+    assert [row["path"] for row in rows] == paths
+    assert ["error" in row for row in rows] == [path == str(broken) for path in paths]
+    expected = classify(np.stack([preprocess(path) for path in good]))
+    assert np.allclose([row["probabilities"] for row in rows if "error" not in row], expected, atol=1e-6)
+    assert list(predict_files(classify, paths, workers=2)) == rows
 
 
 @pytest.mark.real_data

@@ -182,6 +182,12 @@ def test_bad_images_give_one_line_errors_naming_the_file(tmp_path, make, match):
         preprocess(path.read_bytes())
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_device_is_refused_without_reading_it_to_the_end():
+    with pytest.raises(LenetError, match="^/dev/zero: not a readable image"):
+        preprocess("/dev/zero")  # endless: only regular files are read whole
+
+
 def test_bad_arrays_and_missing_files(tmp_path):
     with pytest.raises(LenetError, match="no such file"):
         preprocess(tmp_path / "missing.png")

@@ -34,7 +34,10 @@ def test_d2l_smoke_writes_the_report_beside_the_books_number(tmp_path, tiny_data
         0.0,
     )
     assert config["dataset"] == "fashion-mnist"
-    assert "lenet train --model classic --dataset fashion-mnist --epochs 1" in text
+    command = next(line for line in text.splitlines() if "d2l-classic-seed0`" in line).split("`")[1]
+    assert command.startswith("lenet train --model classic --dataset fashion-mnist --epochs 1")
+    args = cli.build_parser().parse_args(command.split()[1:])  # the printed command parses and means it
+    assert (args.optimizer, args.lr, args.momentum, args.batch_size) == ("sgd", 0.9, 0.0, 256)
 
 
 @pytest.mark.real_data

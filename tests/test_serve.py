@@ -343,3 +343,32 @@ def test_load_benchmark_runs(mnist_cache: Path, monkeypatch) -> None:
     assert result["errors"] == 0 and result["baseline_errors"] == 0 and result["requests"] == 300
     assert result["requests_per_s"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["baseline_requests_per_s"] > 0
+
+
+def test_several_workers_share_the_port_and_answer(mnist_test: data.Dataset) -> None:
+    """`lenet serve --workers 2`: two server processes under uvicorn's supervisor, both loaded, one port."""
+    import http.client
+    import json
+
+    from lenet import bench
+
+    with bench.served_modern(workers=2) as (port, server, _):
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+        if children.exists():  # the workers, beside multiprocessing's resource tracker
+            commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children.read_text().split()]
+            assert sum(b"spawn_main" in command for command in commands) == 2
+        for pixels in mnist_test.test_images[:8].numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a new connection each
+            connection.request("POST", "/api/predict", buffer.getvalue(), {"Content-Type": "image/png"})
+            answer = connection.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())["digit"] in mnist_test.classes
+            connection.close()
+
+
+def test_workers_must_be_positive(modern_checkpoint: Path) -> None:
+    from lenet.serve import serve
+
+    with pytest.raises(LenetError, match="--workers: expected 1 or more, got 0"):
+        serve(modern_checkpoint, workers=0)

@@ -1,10 +1,15 @@
-// Fused LeNet-5 ("classic") convolution stages for CPU training.
+// Fused LeNet-5 convolution stages for CPU training: "classic" (sigmoid, average pooling) and "modern"
+// (batch norm, ReLU, max pooling).
 //
 // Samples are processed in blocks of 8, one sample per SIMD lane (GCC/Clang vector extensions), so every
 // loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
 // in parallel with OpenMP. The maths is exactly the module's:
 //   conv1 (1->6, 5x5, pad 2) + bias -> sigmoid -> 2x2 average pool -> conv2 (6->16, 5x5) + bias -> sigmoid
 //   -> 2x2 average pool -> flatten (N, 400) in (channel, row, column) order.
+// modern, whose batch norm needs the whole batch's statistics between a convolution and what follows it,
+// runs as passes over the batch with the per-channel sums reduced in between (see the modern_* functions):
+//   conv1 (1->6, 5x5, pad 2, no bias) -> batch norm -> ReLU -> 2x2 max pool -> conv2 (6->16, 5x5, no bias)
+//   -> batch norm -> ReLU -> 2x2 max pool -> flatten (N, 400).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -50,6 +55,15 @@ inline v8 vexp(v8 x) {
 
 inline v8 vsigmoid(v8 z) { return 1.0f / (1.0f + vexp(-z)); }
 
+// out[i] = the sum over threads of partial[t * parts + i], in thread order: a given thread count always gives
+// the same bits.
+template <class T>
+void sum_partials(const std::vector<T>& partial, int threads, int parts, T* out) {
+  std::fill(out, out + parts, T{});
+  for (int t = 0; t < threads; ++t)
+    for (int i = 0; i < parts; ++i) out[i] += partial[static_cast<size_t>(t) * parts + i];
+}
+
 // (N, 1, 28, 28) floats -> the block's zero-padded (32, 32) lanes; lanes past N stay zero.
 void load_input(const float* x, int64_t n0, int64_t n, v8* X) {
   std::fill(X, X + X_SIZE, v8{});
@@ -70,15 +84,16 @@ void pool(const v8* S, int channels, int side, v8* P) {
       }
 }
 
-void forward_block(const v8* X, const float* w1, const float* b1, const float* w2, const float* b2, v8* S1,
-                   v8* P1, v8* S2, v8* P2) {
-  // conv1 + sigmoid: 3 channels x 4 columns of accumulators.
+// conv1 (1->6, 5x5, pad 2) of the padded input X with bias b1 (or none), each output as emit(channel,
+// index in the (28, 28) map, value): 3 channels x 4 columns of accumulators.
+template <class Emit>
+void conv1(const v8* X, const float* w1, const float* b1, Emit emit) {
   for (int y = 0; y < 28; ++y)
     for (int x0 = 0; x0 < 28; x0 += 4)
       for (int c0 = 0; c0 < 6; c0 += 3) {
         v8 acc[3][4];
         for (int c = 0; c < 3; ++c)
-          for (int i = 0; i < 4; ++i) acc[c][i] = v8{} + b1[c0 + c];
+          for (int i = 0; i < 4; ++i) acc[c][i] = v8{} + (b1 ? b1[c0 + c] : 0.0f);
         for (int ky = 0; ky < 5; ++ky) {
           const v8* row = X + (y + ky) * XP + x0;
           for (int kx = 0; kx < 5; ++kx)
@@ -88,16 +103,20 @@ void forward_block(const v8* X, const float* w1, const float* b1, const float* w
             }
         }
         for (int c = 0; c < 3; ++c)
-          for (int i = 0; i < 4; ++i) S1[((c0 + c) * 28 + y) * 28 + x0 + i] = vsigmoid(acc[c][i]);
+          for (int i = 0; i < 4; ++i) emit(c0 + c, y * 28 + x0 + i, acc[c][i]);
       }
-  pool(S1, 6, 28, P1);
-  // conv2 + sigmoid: 2 channels x 5 columns of accumulators.
+}
+
+// conv2 (6->16, 5x5) of P1 (6, 14, 14) with bias b2 (or none), each output as emit(channel, index in the
+// (10, 10) map, value): 2 channels x 5 columns of accumulators.
+template <class Emit>
+void conv2(const v8* P1, const float* w2, const float* b2, Emit emit) {
   for (int o0 = 0; o0 < 16; o0 += 2)
     for (int y = 0; y < 10; ++y)
       for (int x0 = 0; x0 < 10; x0 += 5) {
         v8 acc[2][5];
         for (int o = 0; o < 2; ++o)
-          for (int i = 0; i < 5; ++i) acc[o][i] = v8{} + b2[o0 + o];
+          for (int i = 0; i < 5; ++i) acc[o][i] = v8{} + (b2 ? b2[o0 + o] : 0.0f);
         for (int ic = 0; ic < 6; ++ic)
           for (int ky = 0; ky < 5; ++ky) {
             const v8* row = P1 + (ic * 14 + y + ky) * 14 + x0;
@@ -108,23 +127,21 @@ void forward_block(const v8* X, const float* w1, const float* b1, const float* w
               }
           }
         for (int o = 0; o < 2; ++o)
-          for (int i = 0; i < 5; ++i) S2[((o0 + o) * 10 + y) * 10 + x0 + i] = vsigmoid(acc[o][i]);
+          for (int i = 0; i < 5; ++i) emit(o0 + o, y * 10 + x0 + i, acc[o][i]);
       }
+}
+
+void forward_block(const v8* X, const float* w1, const float* b1, const float* w2, const float* b2, v8* S1,
+                   v8* P1, v8* S2, v8* P2) {
+  conv1(X, w1, b1, [&](int c, int i, v8 z) { S1[c * 784 + i] = vsigmoid(z); });
+  pool(S1, 6, 28, P1);
+  conv2(P1, w2, b2, [&](int o, int i, v8 z) { S2[o * 100 + i] = vsigmoid(z); });
   pool(S2, 16, 10, P2);
 }
 
-// Gradients of one block. dw1/db1/dw2/db2 are the thread's lane-wise accumulators.
-void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const v8* G2, const float* w2,
-                    v8* GZ2P, v8* GP1, v8* GZ1, v8* dw1, v8* db1, v8* dw2, v8* db2) {
-  // d(conv2 pre-activation), written into the interior of the zero-bordered (16, 18, 18) buffer.
-  for (int o = 0; o < 16; ++o)
-    for (int y = 0; y < 10; ++y)
-      for (int x = 0; x < 10; ++x) {
-        const v8 s = S2[(o * 10 + y) * 10 + x];
-        const v8 g = 0.25f * G2[o * 25 + (y / 2) * 5 + x / 2] * s * (1.0f - s);
-        GZ2P[(o * GP + y + 4) * GP + x + 4] = g;
-        db2[o] += g;
-      }
+// conv2's backward from the gradient at its output, gz2, held in the interior of the zero-bordered
+// (16, 18, 18) GZ2P: dw2 += the weight gradient (lane-wise), GP1 = the gradient at its input (6, 14, 14).
+void conv2_backward(const v8* GZ2P, const v8* P1, const float* w2, v8* dw2, v8* GP1) {
   // dW2[o][ic][ky][kx] = sum_{y,x} gz2[o][y][x] * p1[ic][y+ky][x+kx]: 2 channels x 5 taps of accumulators.
   for (int o0 = 0; o0 < 16; o0 += 2)
     for (int ic = 0; ic < 6; ++ic)
@@ -166,16 +183,11 @@ void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const
       }
     }
   }
-  // d(conv1 pre-activation).
-  for (int c = 0; c < 6; ++c)
-    for (int y = 0; y < 28; ++y)
-      for (int x = 0; x < 28; ++x) {
-        const v8 s = S1[(c * 28 + y) * 28 + x];
-        const v8 g = 0.25f * GP1[(c * 14 + y / 2) * 14 + x / 2] * s * (1.0f - s);
-        GZ1[(c * 28 + y) * 28 + x] = g;
-        db1[c] += g;
-      }
-  // dW1[c][ky][kx] = sum_{y,x} gz1[c][y][x] * xpad[y+ky][x+kx]: 2 channels x 5 taps of accumulators.
+}
+
+// dw1 += conv1's weight gradient (lane-wise) from the gradient at its output GZ1 (6, 28, 28) and the padded
+// input X: dW1[c][ky][kx] = sum_{y,x} gz1[c][y][x] * xpad[y+ky][x+kx], 2 channels x 5 taps of accumulators.
+void conv1_weight_grad(const v8* X, const v8* GZ1, v8* dw1) {
   for (int c0 = 0; c0 < 6; c0 += 2)
     for (int ky = 0; ky < 5; ++ky) {
       v8 acc[2][5] = {};
@@ -192,6 +204,31 @@ void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const
       for (int c = 0; c < 2; ++c)
         for (int kx = 0; kx < 5; ++kx) dw1[(c0 + c) * 25 + ky * 5 + kx] += acc[c][kx];
     }
+}
+
+// Gradients of one block. dw1/db1/dw2/db2 are the thread's lane-wise accumulators.
+void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const v8* G2, const float* w2,
+                    v8* GZ2P, v8* GP1, v8* GZ1, v8* dw1, v8* db1, v8* dw2, v8* db2) {
+  // d(conv2 pre-activation), written into the interior of the zero-bordered (16, 18, 18) buffer.
+  for (int o = 0; o < 16; ++o)
+    for (int y = 0; y < 10; ++y)
+      for (int x = 0; x < 10; ++x) {
+        const v8 s = S2[(o * 10 + y) * 10 + x];
+        const v8 g = 0.25f * G2[o * 25 + (y / 2) * 5 + x / 2] * s * (1.0f - s);
+        GZ2P[(o * GP + y + 4) * GP + x + 4] = g;
+        db2[o] += g;
+      }
+  conv2_backward(GZ2P, P1, w2, dw2, GP1);
+  // d(conv1 pre-activation).
+  for (int c = 0; c < 6; ++c)
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x) {
+        const v8 s = S1[(c * 28 + y) * 28 + x];
+        const v8 g = 0.25f * GP1[(c * 14 + y / 2) * 14 + x / 2] * s * (1.0f - s);
+        GZ1[(c * 28 + y) * 28 + x] = g;
+        db1[c] += g;
+      }
+  conv1_weight_grad(X, GZ1, dw1);
 }
 
 float lane_sum(v8 v) {
@@ -231,6 +268,25 @@ void lenet_forward(const float* x, int64_t n, const float* w1, const float* b1, 
   }
 }
 
+// Inference: x (n, 1, 28, 28) -> out (n, 400), keeping no activations (one block's scratch per thread).
+void lenet_infer(const float* x, int64_t n, const float* w1, const float* b1, const float* w2,
+                 const float* b2, float* out, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> X(X_SIZE), S1(S1_SIZE), P1(P1_SIZE), S2(S2_SIZE), P2(OUT);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      forward_block(X.data(), w1, b1, w2, b2, S1.data(), P1.data(), S2.data(), P2.data());
+      for (int l = 0; l < L && b * L + l < n; ++l) {
+        float* dst = out + (b * L + l) * OUT;
+        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
+      }
+    }
+  }
+}
+
 // grad (n, 400) of the features -> grads: w1 (150), b1 (6), w2 (2400), b2 (16) concatenated, overwritten.
 void lenet_backward(const float* grad, const float* x, int64_t n, const float* w2, const float* s1,
                     const float* p1, const float* s2, float* grads, int threads) {
@@ -257,10 +313,251 @@ void lenet_backward(const float* grad, const float* x, int64_t n, const float* w
     float* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * PARTS;
     for (int i = 0; i < PARTS; ++i) mine[i] = lane_sum(acc[i]);
   }
-  // Summed in thread order, so a given thread count always gives the same bits.
-  std::fill(grads, grads + PARTS, 0.0f);
-  for (int t = 0; t < threads; ++t)
-    for (int i = 0; i < PARTS; ++i) grads[i] += partial[static_cast<size_t>(t) * PARTS + i];
+  sum_partials(partial, threads, PARTS, grads);
+}
+
+}  // extern "C"
+
+
+namespace {
+
+// ---- modern ----------------------------------------------------------------------------------------------
+
+// 1.0 in the lanes that hold samples, 0.0 in the padding lanes of the last block.
+v8 lane_mask(int64_t n0, int64_t n) {
+  v8 m = {};
+  for (int l = 0; l < L && n0 + l < n; ++l) m[l] = 1.0f;
+  return m;
+}
+
+double lane_sum_d(v8 v) {
+  double s = 0;
+  for (int l = 0; l < L; ++l) s += v[l];
+  return s;
+}
+
+// conv1 without bias into Z1 (6, 28, 28); per-channel sum and sum of squares added to stats[0..5], [6..11].
+// Padding lanes hold zero input, so zero output: they add nothing.
+void modern_conv1_block(const v8* X, const float* w1, v8* Z1, double* stats) {
+  v8 sum[6] = {}, sq[6] = {};
+  conv1(X, w1, nullptr, [&](int c, int i, v8 z) {
+    Z1[c * 784 + i] = z;
+    sum[c] += z;
+    sq[c] += z * z;
+  });
+  for (int c = 0; c < 6; ++c) {
+    stats[c] += lane_sum_d(sum[c]);
+    stats[6 + c] += lane_sum_d(sq[c]);
+  }
+}
+
+// y = z * scale + shift, ReLU, 2x2 max pool: Z (channels, side, side) -> P (channels, side/2, side/2).
+void bn_relu_maxpool(const v8* Z, const float* scale, const float* shift, int channels, int side, v8* P) {
+  const int half = side / 2;
+  for (int c = 0; c < channels; ++c) {
+    const v8 s = v8{} + scale[c], t = v8{} + shift[c];
+    for (int py = 0; py < half; ++py)
+      for (int px = 0; px < half; ++px) {
+        const v8* z = Z + (c * side + 2 * py) * side + 2 * px;
+        v8 m = z[0] * s + t, v;
+        v = z[1] * s + t, m = v > m ? v : m;
+        v = z[side] * s + t, m = v > m ? v : m;
+        v = z[side + 1] * s + t, m = v > m ? v : m;
+        P[(c * half + py) * half + px] = m > 0.0f ? m : v8{};
+      }
+  }
+}
+
+// The inverse route of bn_relu_maxpool: each pooled gradient G goes to the first maximum of its 2x2 window
+// (as PyTorch's max pool picks it) when that maximum is positive (ReLU), into DY (channels, side, side),
+// zero elsewhere. sums[c] += sum of dy, sums[channels + c] += sum of dy * z.
+void maxpool_relu_backward(const v8* G, const v8* Z, const float* scale, const float* shift, int channels,
+                           int side, v8* DY, double* sums) {
+  const int half = side / 2;
+  for (int c = 0; c < channels; ++c) {
+    const v8 s = v8{} + scale[c], t = v8{} + shift[c];
+    v8 sum_dy = {}, sum_dyz = {};
+    for (int py = 0; py < half; ++py)
+      for (int px = 0; px < half; ++px) {
+        const int base = (c * side + 2 * py) * side + 2 * px;
+        const int offsets[4] = {0, 1, side, side + 1};
+        v8 m = Z[base] * s + t;
+        v8i pick = {};  // 0..3: which of the four holds the first maximum
+        for (int k = 1; k < 4; ++k) {
+          const v8 v = Z[base + offsets[k]] * s + t;
+          const v8i greater = v > m;
+          m = greater ? v : m;
+          pick = greater ? (v8i{} + k) : pick;
+        }
+        const v8 g = m > 0.0f ? G[(c * half + py) * half + px] : v8{};
+        for (int k = 0; k < 4; ++k) {
+          const v8 dy = pick == k ? g : v8{};
+          DY[base + offsets[k]] = dy;
+          sum_dy += dy;
+          sum_dyz += dy * Z[base + offsets[k]];
+        }
+      }
+    sums[c] += lane_sum_d(sum_dy);
+    sums[channels + c] += lane_sum_d(sum_dyz);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Forward pass 1: x (n, 1, 28, 28) -> z1 (blocks, 6*28*28*8); stats (12 doubles): sums, sums of squares.
+void modern_conv1(const float* x, int64_t n, const float* w1, float* z1, double* stats, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  std::vector<double> partial(static_cast<size_t>(threads) * 12, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> X(X_SIZE);
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 12;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      modern_conv1_block(X.data(), w1, reinterpret_cast<v8*>(z1) + b * S1_SIZE, mine);
+    }
+  }
+  sum_partials(partial, threads, 12, stats);
+}
+
+// Forward pass 2: z1 -> batch norm 1 (as scale, shift), ReLU, max pool -> p1 (kept for backward) -> conv2
+// without bias -> z2 (blocks, 16*10*10*8); stats (32 doubles): sums, sums of squares over real samples.
+void modern_conv2(const float* z1, int64_t n, const float* scale1, const float* shift1, const float* w2,
+                  float* p1, float* z2, double* stats, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  std::vector<double> partial(static_cast<size_t>(threads) * 32, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 32;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      v8* P1 = reinterpret_cast<v8*>(p1) + b * P1_SIZE;
+      v8* Z2 = reinterpret_cast<v8*>(z2) + b * S2_SIZE;
+      bn_relu_maxpool(reinterpret_cast<const v8*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28, P1);
+      const v8 valid = lane_mask(b * L, n);  // padding lanes pool to max(shift, 0): keep them out of stats
+      v8 sum[16] = {}, sq[16] = {};
+      conv2(P1, w2, nullptr, [&](int o, int i, v8 z) {
+        Z2[o * 100 + i] = z;
+        z *= valid;
+        sum[o] += z;
+        sq[o] += z * z;
+      });
+      for (int o = 0; o < 16; ++o) {
+        mine[o] += lane_sum_d(sum[o]);
+        mine[16 + o] += lane_sum_d(sq[o]);
+      }
+    }
+  }
+  sum_partials(partial, threads, 32, stats);
+}
+
+// Forward pass 3: z2 -> batch norm 2 (scale, shift), ReLU, max pool -> out (n, 400).
+void modern_pool2(const float* z2, int64_t n, const float* scale2, const float* shift2, float* out,
+                  int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> P2(OUT);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      bn_relu_maxpool(reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10, P2.data());
+      for (int l = 0; l < L && b * L + l < n; ++l) {
+        float* dst = out + (b * L + l) * OUT;
+        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
+      }
+    }
+  }
+}
+
+// Backward pass 1: grad (n, 400) -> dy2 (blocks, 16*10*10*8), the gradient at batch norm 2's output;
+// sums (32 doubles): per channel sum of dy and of dy * z2.
+void modern_back_pool2(const float* grad, int64_t n, const float* z2, const float* scale2,
+                       const float* shift2, float* dy2, double* sums, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  std::vector<double> partial(static_cast<size_t>(threads) * 32, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> G(OUT);
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 32;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      std::fill(G.begin(), G.end(), v8{});
+      for (int l = 0; l < L && b * L + l < n; ++l) {
+        const float* src = grad + (b * L + l) * OUT;
+        for (int j = 0; j < OUT; ++j) G[j][l] = src[j];
+      }
+      maxpool_relu_backward(G.data(), reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10,
+                            reinterpret_cast<v8*>(dy2) + b * S2_SIZE, mine);
+    }
+  }
+  sum_partials(partial, threads, 32, sums);
+}
+
+// Backward pass 2: dz2 = a * dy2 + bz * z2 + c per channel (coef2: a[16], bz[16], c[16], batch norm 2's
+// backward) -> dw2 (2400, overwritten), and through conv2, max pool 1 and ReLU to dy1 (blocks, 6*28*28*8);
+// sums1 (12 doubles): per channel sum of dy1 and of dy1 * z1.
+void modern_back_conv2(const float* dy2, int64_t n, const float* z2, const float* coef2, const float* p1,
+                       const float* w2, const float* z1, const float* scale1, const float* shift1, float* dy1,
+                       float* dw2, double* sums1, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  std::vector<float> partial_w(static_cast<size_t>(threads) * W2N, 0.0f);
+  std::vector<double> partial_s(static_cast<size_t>(threads) * 12, 0.0);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> GZ2P(16 * GP * GP), GP1(P1_SIZE), acc_w(W2N);
+    double* mine = partial_s.data() + static_cast<size_t>(omp_get_thread_num()) * 12;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const v8* DY2 = reinterpret_cast<const v8*>(dy2) + b * S2_SIZE;
+      const v8* Z2 = reinterpret_cast<const v8*>(z2) + b * S2_SIZE;
+      const v8* P1 = reinterpret_cast<const v8*>(p1) + b * P1_SIZE;
+      const v8 valid = lane_mask(b * L, n);
+      for (int o = 0; o < 16; ++o) {
+        const float a = coef2[o], bz = coef2[16 + o], c = coef2[32 + o];
+        for (int y = 0; y < 10; ++y)
+          for (int x = 0; x < 10; ++x) {
+            const int i = (o * 10 + y) * 10 + x;
+            GZ2P[(o * GP + y + 4) * GP + x + 4] = (a * DY2[i] + bz * Z2[i] + c) * valid;
+          }
+      }
+      conv2_backward(GZ2P.data(), P1, w2, acc_w.data(), GP1.data());
+      maxpool_relu_backward(GP1.data(), reinterpret_cast<const v8*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28,
+                            reinterpret_cast<v8*>(dy1) + b * S1_SIZE, mine);
+    }
+    float* mine_w = partial_w.data() + static_cast<size_t>(omp_get_thread_num()) * W2N;
+    for (int i = 0; i < W2N; ++i) mine_w[i] = lane_sum(acc_w[i]);
+  }
+  sum_partials(partial_w, threads, W2N, dw2);
+  sum_partials(partial_s, threads, 12, sums1);
+}
+
+// Backward pass 3: dz1 = a * dy1 + bz * z1 + c per channel (coef1: a[6], bz[6], c[6]) -> dw1 (150,
+// overwritten). Padding lanes hold zero input, so they add nothing.
+void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float* z1, const float* coef1,
+                       float* dw1, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+  std::vector<float> partial(static_cast<size_t>(threads) * W1N, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<v8> X(X_SIZE), GZ1(S1_SIZE), acc_w(W1N);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      const v8* DY1 = reinterpret_cast<const v8*>(dy1) + b * S1_SIZE;
+      const v8* Z1 = reinterpret_cast<const v8*>(z1) + b * S1_SIZE;
+      for (int c = 0; c < 6; ++c) {
+        const float a = coef1[c], bz = coef1[6 + c], k = coef1[12 + c];
+        for (int i = c * 784; i < (c + 1) * 784; ++i) GZ1[i] = a * DY1[i] + bz * Z1[i] + k;
+      }
+      conv1_weight_grad(X.data(), GZ1.data(), acc_w.data());
+    }
+    float* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * W1N;
+    for (int i = 0; i < W1N; ++i) mine[i] = lane_sum(acc_w[i]);
+  }
+  sum_partials(partial, threads, W1N, dw1);
 }
 
 }  // extern "C"
