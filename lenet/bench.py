@@ -355,9 +355,8 @@ async def _load(
 
     requests = [request(body, kind) for body, kind in zip(bodies, kinds, strict=True)]
 
-    async def client() -> None:
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while (total is None or sent < total) and time.perf_counter() < deadline:
             index, sent = sent % len(requests), sent + 1
             started = time.perf_counter()
@@ -373,8 +372,14 @@ async def _load(
             failures["errors"] += not right(index, status, answer)
         writer.close()
 
+    # Connected 2 ms apart, as clients arrive, not in one burst: a server process that wakes to a burst
+    # accepts all of it, and with several processes one would then serve most of the connections.
+    connections = []
+    for _ in range(clients):
+        connections.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.002)
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(reader, writer) for reader, writer in connections))
     seconds = time.perf_counter() - started
     unsent = total - sent if total is not None else 0
     return {"latencies": latencies, "errors": failures["errors"] + unsent, "seconds": seconds}
