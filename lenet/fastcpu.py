@@ -125,20 +125,17 @@ class _ClassicFeatures(torch.autograd.Function):
         return None, gw1.view(6, 1, 5, 5), gb1, gw2.view(16, 6, 5, 5), gb2, None
 
 
-def _activations(
-    workspace: list[torch.Tensor] | None, blocks: int, kinds: tuple[int, ...] = (0, 1, 2)
-) -> list[torch.Tensor]:
-    """The saved-activation buffers (by default s1, p1, s2: kinds index lenet_sizes), reused from
-    `workspace` when it has the right size.
+def _activations(workspace: list[torch.Tensor] | None, blocks: int) -> list[torch.Tensor]:
+    """The saved-activation buffers (s1, p1, s2), reused from `workspace` when it has the right size.
 
     Fresh multi-megabyte buffers every step cost about as much as the kernel's forward pass (page faults).
     A graph still holding the previous buffers gets autograd's clear in-place-modification error on
     backward (the empty in-place write below bumps their version), never silently wrong gradients.
     """
     if workspace is None:
-        return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in kinds]
+        return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     if not workspace or len(workspace[0]) != blocks:
-        workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in kinds]
+        workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     else:
         for t in workspace:
             t[:0].zero_()

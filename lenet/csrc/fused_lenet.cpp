@@ -74,6 +74,23 @@ void load_input(const float* x, int64_t n0, int64_t n, v8* X) {
   }
 }
 
+// The block's (400) feature lanes -> rows n0.. of (N, 400) floats; padding lanes are not written.
+void store_features(const v8* F, int64_t n0, int64_t n, float* out) {
+  for (int l = 0; l < L && n0 + l < n; ++l) {
+    float* dst = out + (n0 + l) * OUT;
+    for (int j = 0; j < OUT; ++j) dst[j] = F[j][l];
+  }
+}
+
+// Rows n0.. of (N, 400) floats (feature gradients) -> the block's lanes; lanes past N stay zero.
+void load_features(const float* rows, int64_t n0, int64_t n, v8* F) {
+  std::fill(F, F + OUT, v8{});
+  for (int l = 0; l < L && n0 + l < n; ++l) {
+    const float* src = rows + (n0 + l) * OUT;
+    for (int j = 0; j < OUT; ++j) F[j][l] = src[j];
+  }
+}
+
 void pool(const v8* S, int channels, int side, v8* P) {
   const int half = side / 2;
   for (int c = 0; c < channels; ++c)
@@ -260,10 +277,7 @@ void lenet_forward(const float* x, int64_t n, const float* w1, const float* b1, 
       load_input(x, b * L, n, X.data());
       forward_block(X.data(), w1, b1, w2, b2, s1p + b * S1_SIZE, p1p + b * P1_SIZE, s2p + b * S2_SIZE,
                     P2.data());
-      for (int l = 0; l < L && b * L + l < n; ++l) {
-        float* dst = out + (b * L + l) * OUT;
-        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
-      }
+      store_features(P2.data(), b * L, n, out);
     }
   }
 }
@@ -279,10 +293,7 @@ void lenet_infer(const float* x, int64_t n, const float* w1, const float* b1, co
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
       forward_block(X.data(), w1, b1, w2, b2, S1.data(), P1.data(), S2.data(), P2.data());
-      for (int l = 0; l < L && b * L + l < n; ++l) {
-        float* dst = out + (b * L + l) * OUT;
-        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
-      }
+      store_features(P2.data(), b * L, n, out);
     }
   }
 }
@@ -302,11 +313,7 @@ void lenet_backward(const float* grad, const float* x, int64_t n, const float* w
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
-      std::fill(G2.begin(), G2.end(), v8{});
-      for (int l = 0; l < L && b * L + l < n; ++l) {
-        const float* src = grad + (b * L + l) * OUT;
-        for (int j = 0; j < OUT; ++j) G2[j][l] = src[j];
-      }
+      load_features(grad, b * L, n, G2.data());
       backward_block(X.data(), s1p + b * S1_SIZE, p1p + b * P1_SIZE, s2p + b * S2_SIZE, G2.data(), w2,
                      GZ2P.data(), GP1.data(), GZ1.data(), dw1, db1, dw2, db2);
     }
@@ -464,10 +471,7 @@ void modern_pool2(const float* z2, int64_t n, const float* scale2, const float* 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       bn_relu_maxpool(reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10, P2.data());
-      for (int l = 0; l < L && b * L + l < n; ++l) {
-        float* dst = out + (b * L + l) * OUT;
-        for (int j = 0; j < OUT; ++j) dst[j] = P2[j][l];
-      }
+      store_features(P2.data(), b * L, n, out);
     }
   }
 }
@@ -484,11 +488,7 @@ void modern_back_pool2(const float* grad, int64_t n, const float* z2, const floa
     double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 32;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      std::fill(G.begin(), G.end(), v8{});
-      for (int l = 0; l < L && b * L + l < n; ++l) {
-        const float* src = grad + (b * L + l) * OUT;
-        for (int j = 0; j < OUT; ++j) G[j][l] = src[j];
-      }
+      load_features(grad, b * L, n, G.data());
       maxpool_relu_backward(G.data(), reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10,
                             reinterpret_cast<v8*>(dy2) + b * S2_SIZE, mine);
     }
