@@ -292,6 +292,7 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
     optimizer = make_optimizer(cfg, model)
 
     start_epoch, best_acc = 0, -1.0
+    row: dict = {}  # metrics of the latest epoch; a resumed run starts from those of its checkpoint
     if cfg.resume and last_path.exists():
         ckpt = checkpoint.load(last_path)
         if ckpt.meta["model"] != {"name": cfg.model, "kwargs": cfg.model_kwargs}:
@@ -310,6 +311,7 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
         if "rng.augment" in ckpt.tensors:
             aug_generator.set_state(ckpt.tensors["rng.augment"])
         start_epoch, best_acc = ckpt.meta["epoch"], ckpt.meta.get("best_test_acc", -1.0)
+        row = ckpt.meta.get("metrics", {})
         say(f"resuming {last_path} after epoch {start_epoch}")
     elif cfg.resume:
         say(f"--resume: no checkpoint at {last_path}, starting afresh")
@@ -362,7 +364,9 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
         "classes": list(spec.classes),
         "config": dataclasses.asdict(cfg),
     }
-    row: dict = {}
+    if start_epoch >= cfg.epochs:
+        say(f"{last_path} already holds {start_epoch} epochs: nothing left to train")
+    confusion = None
     for epoch in range(start_epoch, cfg.epochs):
         train_model.train()
         started = time.perf_counter()
@@ -452,7 +456,7 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
     from lenet import plots
 
     if dist_info.is_main and plots.available():  # curves.png and confusion.png of the final model
-        if not row:  # resumed after the last epoch: no epoch ran here
+        if confusion is None:  # resumed after the last epoch: no epoch ran here
             confusion = evaluate(eval_model, dataset.test_images, dataset.test_labels, mean, std)["confusion"]
         plots.training_plots(out, confusion, spec.classes)
     result = {

@@ -77,7 +77,8 @@ def open_page(browser, url: str, **context_options):
 
     page.route("**/*", only_this_server)
     page.goto(url)
-    page.wait_for_function("document.querySelector('#model').textContent.includes('parameters')")
+    # a locator wait, not wait_for_function: polling a JS string needs eval, which the page's CSP forbids
+    page.locator("#model", has_text="parameters").wait_for()
     return page, problems
 
 

@@ -90,6 +90,17 @@ def test_resume_drops_metric_lines_of_epochs_lost_to_a_kill(tmp_path, tiny_datas
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
 
 
+def test_resuming_a_finished_run_trains_nothing_and_reports_its_accuracy(tmp_path, tiny_dataset):
+    first = fit(tiny_config(tmp_path, epochs=2), log=lambda _: None, dataset=tiny_dataset)
+    last = tmp_path / "run" / "last.safetensors"
+    before = last.read_bytes()
+    lines: list[str] = []
+    again = fit(tiny_config(tmp_path, epochs=2, resume=True), log=lines.append, dataset=tiny_dataset)
+    assert again["test_acc"] == first["test_acc"] and again["best_test_acc"] == first["best_test_acc"]
+    assert any("nothing left to train" in line for line in lines)
+    assert last.read_bytes() == before
+
+
 def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
     fit(tiny_config(tmp_path, epochs=1), log=lambda _: None, dataset=tiny_dataset)
     before = (tmp_path / "run" / "last.safetensors").read_bytes()
