@@ -91,6 +91,9 @@ def load_extension() -> ctypes.CDLL | None:
         lib.modern_back_conv1.argtypes = [_P, _P, i64, _P, _P, _P, threads]
         for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1"):
             getattr(lib, f"modern_{name}").restype = None
+        f32 = ctypes.c_float
+        lib.lenet5_sdlm_train.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, _P, f32, f32, f32, _P, _P]
+        lib.lenet5_sdlm_train.restype = None
         _lib = lib
     return _lib
 
@@ -332,6 +335,82 @@ def _same_layers(model: nn.Module, build) -> bool:
         and (isinstance(layer, nn.Dropout) or layer.extra_repr() == rlayer.extra_repr())  # any dropout rate
         for (name, layer), (rname, rlayer) in zip(ours, ref, strict=True)
     )
+
+
+class FusedSDLM:
+    """lenet5-1998 trained by SDLM with the MAP loss, whole chunks of samples per kernel call.
+
+    `step(x, labels, lr)` runs the optimizer's steps over len(x) samples (a multiple of its batch size B,
+    `samples_per_step`): after every B samples, w -= lr / (B mu + h) * (sum of their dE/dw), h the
+    optimizer's curvature for the pass. That is `SDLM.step` on the batch's mean gradient, without a Python
+    round trip per batch; at B = 1, the paper's update after every sample. Returns the loss (N,) and the
+    outputs (N, 10) of each sample. `fused_sdlm` gives one, or None when the kernel does not apply.
+    """
+
+    def __init__(self, model: nn.Sequential, optimizer, j: float):
+        self.params = [p for _, p in model.named_parameters()]
+        self.optimizer, self.j = optimizer, float(j)
+        self.batch = optimizer.param_groups[0]["samples_per_step"]
+        table = model.c3.table
+        self.pairs = torch.tensor(
+            [[o, i] for o, inputs in enumerate(table) for i in inputs], dtype=torch.int32
+        )
+        self.centres = model.output.centres.detach().contiguous()
+        self.pad = float(model.pad.value)
+        self.grads = [torch.zeros_like(p) for p in self.params]  # sums over a batch; zero between calls
+        self._params = (_P * len(self.params))(*map(_ptr, self.params))
+        self._grads = (_P * len(self.grads))(*map(_ptr, self.grads))
+        self._hessians: list = []
+        self._scales: list[torch.Tensor] = []
+        self._scale_ptrs = None
+
+    def _step_scales(self):
+        """1 / (B mu + h) per parameter element, recomputed when the optimizer's curvature changes."""
+        state = self.optimizer.state
+        hessians = [state[p].get("hessian") for p in self.params]
+        if self._scale_ptrs is None or any(a is not b for a, b in zip(hessians, self._hessians, strict=True)):
+            mu = self.optimizer.param_groups[0]["mu"] * self.batch
+            self._scales = [
+                1.0 / (mu + (h if h is not None else torch.zeros_like(p))).contiguous()
+                for p, h in zip(self.params, hessians, strict=True)
+            ]
+            self._hessians = hessians
+            self._scale_ptrs = (_P * len(self._scales))(*map(_ptr, self._scales))
+        return self._scale_ptrs
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x, labels = x.contiguous(), labels.to(torch.int64).contiguous()  # (N, 1, 28, 28), (N,)
+        n = len(x)
+        if n % self.batch:
+            raise ValueError(f"{n} samples are not whole batches of {self.batch}")
+        losses, outputs = x.new_empty(n), x.new_empty(n, 10)
+        _lib.lenet5_sdlm_train(
+            _ptr(x), _ptr(labels), n, self.batch, self._params, self._step_scales(), self._grads,
+            _ptr(self.pairs), _ptr(self.centres), lr, self.pad, self.j, _ptr(outputs), _ptr(losses),
+        )  # fmt: skip
+        return losses, outputs
+
+
+def fused_sdlm(model: nn.Module, optimizer, j: float) -> FusedSDLM | None:
+    """A FusedSDLM for a float32, contiguous CPU lenet5-1998 and an SDLM optimizer, or None."""
+    from lenet.models import C3_TABLE, lenet5_1998
+    from lenet.sdlm import SDLM
+
+    if not _same_layers(model, lenet5_1998) or not isinstance(optimizer, SDLM):
+        return None
+    if len(optimizer.param_groups) != 1 or model.c3.table != C3_TABLE:
+        return None
+    if tuple(model.output.centres.shape) != (10, 84):
+        return None
+    if any(
+        p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous()
+        for p in model.parameters()
+    ):
+        return None
+    if load_extension() is None:
+        return None
+    return FusedSDLM(model, optimizer, j)
 
 
 def fast_forward(model: nn.Module) -> FastClassic | FastModern | None:

@@ -1,4 +1,5 @@
-"""The fused CPU kernels for `classic` and `modern` compute the plain model's function and gradients."""
+"""The fused CPU kernels compute the plain model's function and gradients: `classic` and `modern`, and
+lenet5-1998's per-sample SDLM steps."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenet import fastcpu
-from lenet.models import classic, lenet5_1998, modern
+from lenet import checkpoint, fastcpu, sdlm, train
+from lenet.models import classic, lenet5_1998, map_loss, modern
+from lenet.train import MAP_J, TrainConfig, fit
 
 needs_ext = pytest.mark.skipif(fastcpu.load_extension() is None, reason="no C++ compiler for the kernel")
 
@@ -155,3 +157,106 @@ def test_choosing_the_path_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     fastcpu.fast_forward(model)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def _sdlm_pair(seed: int, batch: int):
+    """Two identical lenet5-1998 models, each with an SDLM optimizer for batches of `batch` holding the same
+    curvature."""
+    torch.manual_seed(seed)
+    plain, fused = lenet5_1998(), lenet5_1998()
+    fused.load_state_dict(plain.state_dict())
+    opts = [sdlm.SDLM(m.parameters(), lr=5e-4, samples_per_step=batch) for m in (plain, fused)]
+    hessian = sdlm.curvature(plain, torch.randn(32, 1, 28, 28))
+    opts[0].set_curvature(hessian)
+    opts[1].set_curvature(
+        {q: hessian[p] for p, q in zip(plain.parameters(), fused.parameters(), strict=True)}
+    )
+    return plain, fused, opts
+
+
+@needs_ext
+def test_lenet5_fused_sdlm_step_subtracts_the_autograd_gradient():
+    torch.manual_seed(0)
+    plain, fused = lenet5_1998(), lenet5_1998()
+    fused.load_state_dict(plain.state_dict())
+    step = fastcpu.fused_sdlm(fused, sdlm.SDLM(fused.parameters(), lr=1.0, mu=1.0), j=MAP_J)
+    x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
+    loss, out = step.step(x, y, lr=1.0)  # with h = 0 and mu = 1 the step is the gradient itself
+    ref_out = plain(x)
+    ref_loss = map_loss(ref_out, y, MAP_J)
+    ref_loss.backward()
+    torch.testing.assert_close(out, ref_out.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss.detach().view(1), rtol=1e-5, atol=1e-4)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.detach(), (p - p.grad).detach(), rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch", [1, 4])
+def test_lenet5_fused_sdlm_steps_are_sdlms_steps(batch):
+    plain, fused, (plain_opt, fused_opt) = _sdlm_pair(1, batch)
+    step = fastcpu.fused_sdlm(fused, fused_opt, j=MAP_J)
+    x, y = torch.randn(30 * batch, 1, 28, 28), torch.randint(0, 10, (30 * batch,))
+
+    def plain_step(i: int) -> None:
+        plain_opt.zero_grad()
+        batch_x, batch_y = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+        map_loss(plain(batch_x), batch_y, MAP_J).backward()
+        plain_opt.step()
+
+    def assert_same_weights(atol: float) -> None:
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=atol * p.abs().max().item(), msg=name)
+
+    # one call runs its batches' steps one after another
+    for i in range(10):
+        plain_step(i)
+    step.step(x[: 10 * batch], y[: 10 * batch], lr=5e-4)
+    assert_same_weights(1e-5)
+    # each step is SDLM's within float rounding; from random weights and inputs, steps amplify rounding
+    # differences chaotically (1e-7 to 1e-3 in 40 steps at batch 1): each step starts from the plain weights
+    for i in range(10, 30):
+        with torch.no_grad():
+            for p, q in zip(plain.parameters(), fused.parameters(), strict=True):
+                q.copy_(p)
+        plain_step(i)
+        step.step(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch], lr=5e-4)
+        assert_same_weights(1e-6)
+    if batch > 1:
+        with pytest.raises(ValueError, match="not whole batches"):
+            step.step(x[: batch + 1], y[: batch + 1], lr=5e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fit_with_the_fused_sdlm_gives_the_plain_loops_weights(tmp_path, tiny_dataset, monkeypatch, batch):
+    # chunks of 7 samples, 10 steps per pass: whole chunks per kernel call and one cut short. A small lr keeps
+    # rounding differences from growing chaotically, while one step more, less or at another lr still moves
+    # the weights by far more than the tolerance.
+    monkeypatch.setattr(train, "FUSED_CHUNK", 7)
+
+    def run(folder: str):
+        cfg = TrainConfig.for_model(
+            "lenet5-1998", epochs=2, batch_size=batch, lr=5e-6, max_steps_per_epoch=10,
+            out=str(tmp_path / folder), device="cpu",
+        )  # fmt: skip
+        fit(cfg, log=lambda _: None, dataset=tiny_dataset)
+        return checkpoint.load(tmp_path / folder / "last.safetensors").model_state
+
+    fused = run("fused")
+    monkeypatch.setenv("LENET_NO_EXT", "1")
+    plain = run("plain")
+    for name, value in plain.items():
+        torch.testing.assert_close(fused[name], value, rtol=0, atol=1e-5 * value.abs().max().item(), msg=name)
+
+
+def test_fused_sdlm_only_for_lenet5_and_sdlm(monkeypatch):
+    model = lenet5_1998()
+    assert fastcpu.fused_sdlm(model, torch.optim.SGD(model.parameters(), lr=1e-3), 1.0) is None
+    other = classic()
+    assert fastcpu.fused_sdlm(other, sdlm.SDLM(other.parameters(), lr=1e-3), 1.0) is None
+    rows_elsewhere = lenet5_1998().to(memory_format=torch.channels_last)  # c5.weight is no longer row-major
+    assert fastcpu.fused_sdlm(rows_elsewhere, sdlm.SDLM(rows_elsewhere.parameters(), lr=1e-3), 1.0) is None
+    monkeypatch.setenv("LENET_NO_EXT", "1")
+    assert fastcpu.fused_sdlm(model, sdlm.SDLM(model.parameters(), lr=1e-3), 1.0) is None

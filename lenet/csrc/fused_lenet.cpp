@@ -11,6 +11,7 @@
 //   conv1 (1->6, 5x5, pad 2, no bias) -> batch norm -> ReLU -> 2x2 max pool -> conv2 (6->16, 5x5, no bias)
 //   -> batch norm -> ReLU -> 2x2 max pool -> flatten (N, 400).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -558,6 +559,231 @@ void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float*
     for (int i = 0; i < W1N; ++i) mine[i] = lane_sum(acc_w[i]);
   }
   sum_partials(partial, threads, W1N, dw1);
+}
+
+}  // extern "C"
+
+// lenet5-1998 trained by stochastic diagonal Levenberg-Marquardt, as the 1998 paper trains it: after every
+// group of B samples (B = 1 in the paper), w -= lr * scale * (sum of the group's dE/dw), scale =
+// 1 / (B mu + h) fixed for a pass. One sample is too small to split across lanes or threads; the loops run
+// along image rows instead.
+//   pad to 32x32 -> C1 6@5x5 -> S2 (2x2 sum * coefficient + bias) -> C3 16@5x5 on Table I's 60 kernels
+//   -> S4 -> C5 120 on 400 -> F6 84 -> 10 RBF penalties y; loss E = y_D + log(exp(-j) + sum exp(-y_i));
+//   every layer from C1 to F6 squashes with x = A tanh(S a).
+namespace {
+
+constexpr float SQ_A = 1.7159f, SQ_S = 2.0f / 3.0f;
+constexpr int LENET5_TENSORS = 12;
+// elements of c1.weight, c1.bias, s2.weight, s2.bias, c3.weight, c3.bias, s4.weight, s4.bias, c5.weight,
+// c5.bias, f6.weight, f6.bias
+constexpr int LENET5_SIZES[LENET5_TENSORS] = {150, 6, 6, 6, 1500, 16, 16, 16, 48000, 120, 10080, 84};
+
+// a -> A tanh(S a) in place, n a multiple of 8 (tanh(z) = 1 - 2 / (exp(2z) + 1)).
+void squash(float* a, int n) {
+  for (int i = 0; i < n; i += 8) {
+    v8 z;
+    __builtin_memcpy(&z, a + i, sizeof z);
+    z = SQ_A * (1.0f - 2.0f / (vexp(z * (2.0f * SQ_S)) + 1.0f));
+    __builtin_memcpy(a + i, &z, sizeof z);
+  }
+}
+
+inline float slope(float x) { return SQ_S * (SQ_A - x * x / SQ_A); }  // f'(a) from x = f(a)
+
+// Subsampling: sums (maps, side/2, side/2) of the 2x2 blocks of x (maps, side, side), out = w * sums + b.
+void subsample(const float* x, int maps, int side, const float* w, const float* b, float* sums, float* out) {
+  const int half = side / 2;
+  for (int m = 0; m < maps; ++m)
+    for (int y = 0; y < half; ++y)
+      for (int c = 0; c < half; ++c) {
+        const float* p = x + (m * side + 2 * y) * side + 2 * c;
+        const float s = p[0] + p[1] + p[side] + p[side + 1];
+        sums[(m * half + y) * half + c] = s;
+        out[(m * half + y) * half + c] = w[m] * s + b[m];
+      }
+}
+
+// Backward of a subsampling layer: g (maps, half, half) is dE/da of its outputs. Writes dE/dx of its input
+// (maps, side, side) into dx and adds the gradients of w and b to gw and gb.
+void subsample_backward(const float* g, const float* sums, int maps, int side, const float* w, float* dx,
+                        float* gw, float* gb) {
+  const int half = side / 2;
+  for (int m = 0; m < maps; ++m)
+    for (int y = 0; y < half; ++y)
+      for (int c = 0; c < half; ++c) {
+        const float gi = g[(m * half + y) * half + c];
+        gw[m] += gi * sums[(m * half + y) * half + c];
+        gb[m] += gi;
+        float* d = dx + (m * side + 2 * y) * side + 2 * c;
+        d[0] = d[1] = d[side] = d[side + 1] = gi * w[m];
+      }
+}
+
+void dense(const float* x, int out, int in, const float* w, const float* b, float* a) {
+  for (int o = 0; o < out; ++o) {
+    const float* row = w + o * in;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int k = 0; k < in; ++k) s += row[k] * x[k];
+    a[o] = s + b[o];
+  }
+}
+
+// Backward of a fully connected layer: g (out) is dE/da. Adds W^T g into dx (in) and the gradients of w and
+// b to gw and gb.
+void dense_backward(const float* g, const float* x, int out, int in, const float* w, float* dx, float* gw,
+                    float* gb) {
+  for (int o = 0; o < out; ++o) {
+    const float* row = w + o * in;
+    float* grow = gw + o * in;
+    const float go = g[o];
+#pragma omp simd
+    for (int k = 0; k < in; ++k) {
+      dx[k] += row[k] * go;
+      grow[k] += go * x[k];
+    }
+    gb[o] += go;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// n samples x (n, 28, 28), normalised, labels (n); n a multiple of group. p: the 12 parameter tensors of
+// lenet5-1998 in model order (c1.weight, c1.bias, s2.weight, s2.bias, c3.weight (60, 5, 5), c3.bias,
+// s4.weight, s4.bias, c5.weight, c5.bias, f6.weight, f6.bias), updated in place after every group of
+// samples; s: their step scales, g: gradient sums (zero on entry, left zero), both of the same shapes.
+// pairs: C3's 60 (output map, input map) pairs in c3.weight's order. centres (10, 84). Writes the outputs
+// -y (n, 10) and the loss (n) of each sample.
+void lenet5_sdlm_train(const float* x, const int64_t* labels, int64_t n, int64_t group, float* const* p,
+                       const float* const* s, float* const* g, const int32_t* pairs, const float* centres,
+                       float lr, float pad, float j, float* outputs, float* losses) {
+  const float *w1 = p[0], *b1 = p[1], *w2 = p[2], *b2 = p[3], *w3 = p[4], *b3 = p[5];
+  const float *w4 = p[6], *b4 = p[7], *w5 = p[8], *b5 = p[9], *w6 = p[10], *b6 = p[11];
+  alignas(32) float in[32 * 32], x1[6 * 784], sum1[6 * 196], x2[6 * 196], x3[1600], sum3[400], x4[400];
+  alignas(32) float x5[120], x6[88], d1[6 * 784], d2[6 * 196], d3[1600], d4[400], d5[120], d6[84];
+  for (int64_t t = 0; t < n; ++t) {
+    std::fill(in, in + 1024, pad);
+    for (int y = 0; y < 28; ++y)
+      for (int c = 0; c < 28; ++c) in[(y + 2) * 32 + c + 2] = x[t * 784 + y * 28 + c];
+
+    // forward
+    for (int o = 0; o < 6; ++o)
+      for (int y = 0; y < 28; ++y) {
+        float* row = x1 + o * 784 + y * 28;
+        std::fill(row, row + 28, b1[o]);
+        for (int ky = 0; ky < 5; ++ky)
+          for (int kx = 0; kx < 5; ++kx) {
+            const float w = w1[o * 25 + ky * 5 + kx];
+            const float* src = in + (y + ky) * 32 + kx;
+#pragma omp simd
+            for (int c = 0; c < 28; ++c) row[c] += w * src[c];
+          }
+      }
+    squash(x1, 6 * 784);  // (6, 28, 28)
+    subsample(x1, 6, 28, w2, b2, sum1, x2);
+    squash(x2, 6 * 196);  // (6, 14, 14)
+    for (int o = 0; o < 16; ++o) std::fill(x3 + o * 100, x3 + (o + 1) * 100, b3[o]);
+    for (int k = 0; k < 60; ++k) {
+      const float* src = x2 + pairs[2 * k + 1] * 196;
+      float* dst = x3 + pairs[2 * k] * 100;
+      for (int ky = 0; ky < 5; ++ky)
+        for (int kx = 0; kx < 5; ++kx) {
+          const float w = w3[k * 25 + ky * 5 + kx];
+          for (int y = 0; y < 10; ++y) {
+#pragma omp simd
+            for (int c = 0; c < 10; ++c) dst[y * 10 + c] += w * src[(y + ky) * 14 + kx + c];
+          }
+        }
+    }
+    squash(x3, 1600);  // (16, 10, 10)
+    subsample(x3, 16, 10, w4, b4, sum3, x4);
+    squash(x4, 400);  // (16, 5, 5): C5's 5x5 kernels cover it whole, so C5 is a dense 400 -> 120 layer
+    dense(x4, 120, 400, w5, b5, x5);
+    squash(x5, 120);
+    std::fill(x6, x6 + 88, 0.0f);
+    dense(x5, 84, 120, w6, b6, x6);
+    squash(x6, 88);
+
+    // RBF penalties and the MAP loss: cross-entropy over the logits -y and a rubbish class at -j
+    float z[11], e[11];
+    for (int c = 0; c < 10; ++c) {
+      float y = 0.0f;
+      for (int i = 0; i < 84; ++i) y += (x6[i] - centres[c * 84 + i]) * (x6[i] - centres[c * 84 + i]);
+      z[c] = -y;
+      outputs[t * 10 + c] = -y;
+    }
+    z[10] = -j;
+    const float top = *std::max_element(z, z + 11);
+    float total = 0.0f;
+    for (int c = 0; c < 11; ++c) total += e[c] = std::exp(z[c] - top);
+    const int64_t label = labels[t];
+    losses[t] = top + std::log(total) - z[label];
+
+    // backward, d* = dE/da of each layer: dE/dy_c = [c == label] - p_c, dE/dx6_i = sum_c dE/dy_c 2 (x6_i - w_ci)
+    for (int i = 0; i < 84; ++i) {
+      float d = 0.0f;
+      for (int c = 0; c < 10; ++c) d += ((c == label) - e[c] / total) * 2.0f * (x6[i] - centres[c * 84 + i]);
+      d6[i] = d * slope(x6[i]);
+    }
+    std::fill(d5, d5 + 120, 0.0f);
+    dense_backward(d6, x5, 84, 120, w6, d5, g[10], g[11]);
+    for (int i = 0; i < 120; ++i) d5[i] *= slope(x5[i]);
+    std::fill(d4, d4 + 400, 0.0f);
+    dense_backward(d5, x4, 120, 400, w5, d4, g[8], g[9]);
+    for (int i = 0; i < 400; ++i) d4[i] *= slope(x4[i]);
+    subsample_backward(d4, sum3, 16, 10, w4, d3, g[6], g[7]);
+    for (int i = 0; i < 1600; ++i) d3[i] *= slope(x3[i]);
+    for (int o = 0; o < 16; ++o)
+      for (int i = 0; i < 100; ++i) g[5][o] += d3[o * 100 + i];
+    std::fill(d2, d2 + 6 * 196, 0.0f);
+    for (int k = 0; k < 60; ++k) {
+      const float* src = x2 + pairs[2 * k + 1] * 196;
+      float* dsrc = d2 + pairs[2 * k + 1] * 196;
+      const float* dk = d3 + pairs[2 * k] * 100;
+      for (int ky = 0; ky < 5; ++ky)
+        for (int kx = 0; kx < 5; ++kx) {
+          const float w = w3[k * 25 + ky * 5 + kx];
+          float gw = 0.0f;
+          for (int y = 0; y < 10; ++y) {
+            const float* row = src + (y + ky) * 14 + kx;
+            float* drow = dsrc + (y + ky) * 14 + kx;
+#pragma omp simd reduction(+ : gw)
+            for (int c = 0; c < 10; ++c) {
+              gw += dk[y * 10 + c] * row[c];
+              drow[c] += w * dk[y * 10 + c];
+            }
+          }
+          g[4][k * 25 + ky * 5 + kx] += gw;
+        }
+    }
+    for (int i = 0; i < 6 * 196; ++i) d2[i] *= slope(x2[i]);
+    subsample_backward(d2, sum1, 6, 28, w2, d1, g[2], g[3]);
+    for (int i = 0; i < 6 * 784; ++i) d1[i] *= slope(x1[i]);
+    for (int o = 0; o < 6; ++o) {
+      const float* dk = d1 + o * 784;
+      for (int i = 0; i < 784; ++i) g[1][o] += dk[i];
+      for (int ky = 0; ky < 5; ++ky)
+        for (int kx = 0; kx < 5; ++kx) {
+          float gw = 0.0f;
+          for (int y = 0; y < 28; ++y) {
+            const float* row = in + (y + ky) * 32 + kx;
+#pragma omp simd reduction(+ : gw)
+            for (int c = 0; c < 28; ++c) gw += dk[y * 28 + c] * row[c];
+          }
+          g[0][o * 25 + ky * 5 + kx] += gw;
+        }
+    }
+
+    if ((t + 1) % group == 0)  // the group's update, and its gradient sums back to zero
+      for (int i = 0; i < LENET5_TENSORS; ++i)
+#pragma omp simd
+        for (int k = 0; k < LENET5_SIZES[i]; ++k) {
+          p[i][k] -= lr * s[i][k] * g[i][k];
+          g[i][k] = 0.0f;
+        }
+  }
 }
 
 }  // extern "C"
