@@ -116,6 +116,32 @@ def _eval_images_per_s(dataset, repeats: int) -> float:
     return repeats * len(dataset.test_images) / (time.perf_counter() - started)
 
 
+def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
+    """lenet5-1998 trained by SDLM with the MAP loss as fit trains it: the fused kernel, or the plain model
+    and optimizer (what runs without a compiler)."""
+    from lenet import data, fastcpu, sdlm
+    from lenet.models import INPUT_NORMALIZATION, build
+    from lenet.train import FUSED_CHUNK, MAP_J, train_step
+
+    torch.manual_seed(0)
+    model = build("lenet5-1998")
+    optimizer = sdlm.SDLM(model.parameters(), lr=5e-4, samples_per_step=batch)
+    mean, std = INPUT_NORMALIZATION["lenet5-1998"]
+    optimizer.set_curvature(sdlm.curvature(model, data.normalize(dataset.train_images[:500], mean, std)))
+    images, labels = dataset.train_images[:samples], dataset.train_labels[:samples]
+    fused_step = fastcpu.fused_sdlm(model, optimizer, MAP_J) if fused else None
+    size = batch * max(1, FUSED_CHUNK // batch) if fused_step else batch
+    started = time.perf_counter()
+    for i in range(0, samples - size + 1, size):
+        if fused_step:
+            fused_step.step(data.normalize(images[i : i + size], mean, std), labels[i : i + size], 5e-4)
+        else:
+            train_step(
+                model, optimizer, images[i : i + size], labels[i : i + size], mean, std, loss_name="map"
+            )
+    return (samples - samples % size) / (time.perf_counter() - started)
+
+
 def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     """Images/s of the tutorial loop and of ours on `classic`, batch 256; best of alternating rounds."""
     from lenet import data
@@ -135,6 +161,17 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     }
     result["speedup"] = round(result["images_per_s"] / result["baseline_images_per_s"], 2)
     result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats=max(1, steps // 20)), 1)
+    # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's 16: fused kernel vs plain
+    from lenet import fastcpu
+
+    if fastcpu.load_extension() is not None:
+        for batch in (1, 16):
+            samples = steps * (16 if batch == 1 else 80)
+            plain = _sdlm_images_per_s(dataset, batch, samples, fused=False)
+            fused = _sdlm_images_per_s(dataset, batch, samples, fused=True)
+            result[f"lenet5_sdlm_batch{batch}_baseline_images_per_s"] = round(plain, 1)
+            result[f"lenet5_sdlm_batch{batch}_images_per_s"] = round(fused, 1)
+            result[f"lenet5_sdlm_batch{batch}_speedup"] = round(fused / plain, 2)
     return result
 
 

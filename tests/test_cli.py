@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from lenet import fastcpu
 from lenet.cli import DATASET_CHOICES, MODEL_CHOICES
 
 
@@ -98,3 +99,5 @@ def test_data_train_evaluate_bench_end_to_end(tmp_path, mnist_cache):
     bench = json.loads(lenet("bench", "train", "--quick", "--json", env=env).stdout)
     assert {"baseline_images_per_s", "images_per_s", "speedup", "eval_images_per_s"} <= set(bench)
     assert bench["images_per_s"] > 0 and bench["baseline_images_per_s"] > 0
+    if fastcpu.load_extension() is not None:  # lenet5-1998's fused SDLM training beside the plain loop
+        assert bench["lenet5_sdlm_batch1_images_per_s"] > 0 and bench["lenet5_sdlm_batch16_speedup"] > 0
