@@ -130,10 +130,10 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     optimizer.set_curvature(sdlm.curvature(model, data.normalize(dataset.train_images[:500], mean, std)))
     images, labels = dataset.train_images[:samples], dataset.train_labels[:samples]
     fused_step = fastcpu.fused_sdlm(model, optimizer, MAP_J) if fused else None
-    size = batch * max(1, FUSED_CHUNK // batch) if fused_step else batch
+    size = batch * max(1, FUSED_CHUNK // batch) if fused_step is not None else batch
     started = time.perf_counter()
     for i in range(0, samples - size + 1, size):
-        if fused_step:
+        if fused_step is not None:
             fused_step.step(data.normalize(images[i : i + size], mean, std), labels[i : i + size], 5e-4)
         else:
             train_step(

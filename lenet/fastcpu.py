@@ -1,4 +1,5 @@
-"""A faster CPU training path for `classic` and `modern`: their conv stages as fused C++ kernels.
+"""Faster CPU training: the conv stages of `classic` and `modern`, and the whole SDLM training step of
+`lenet5-1998` (`fused_sdlm`), as fused C++ kernels.
 
 The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use with the local C++
 compiler (a few seconds) and cached under the user's cache directory. `fast_forward(model)` wraps a classic

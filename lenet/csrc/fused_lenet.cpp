@@ -1,5 +1,5 @@
 // Fused LeNet-5 convolution stages for CPU training: "classic" (sigmoid, average pooling) and "modern"
-// (batch norm, ReLU, max pooling).
+// (batch norm, ReLU, max pooling); and, at the end of this file, lenet5-1998's whole SDLM training step.
 //
 // Samples are processed in blocks of 8, one sample per SIMD lane (GCC/Clang vector extensions), so every
 // loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
