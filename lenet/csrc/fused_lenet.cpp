@@ -619,6 +619,21 @@ void subsample_backward(const float* g, const float* sums, int maps, int side, c
       }
 }
 
+// dst (out, out) += the valid 5x5 correlation of src (side, side) with kernel k (5, 5), out = side - 4.
+void correlate_add(const float* src, int side, const float* k, float* dst) {
+  const int out = side - 4;
+  for (int ky = 0; ky < 5; ++ky)
+    for (int kx = 0; kx < 5; ++kx) {
+      const float w = k[ky * 5 + kx];
+      for (int y = 0; y < out; ++y) {
+        const float* row = src + (y + ky) * side + kx;
+        float* d = dst + y * out;
+#pragma omp simd
+        for (int c = 0; c < out; ++c) d[c] += w * row[c];
+      }
+    }
+}
+
 void dense(const float* x, int out, int in, const float* w, const float* b, float* a) {
   for (int o = 0; o < out; ++o) {
     const float* row = w + o * in;
@@ -669,34 +684,16 @@ void lenet5_sdlm_train(const float* x, const int64_t* labels, int64_t n, int64_t
       for (int c = 0; c < 28; ++c) in[(y + 2) * 32 + c + 2] = x[t * 784 + y * 28 + c];
 
     // forward
-    for (int o = 0; o < 6; ++o)
-      for (int y = 0; y < 28; ++y) {
-        float* row = x1 + o * 784 + y * 28;
-        std::fill(row, row + 28, b1[o]);
-        for (int ky = 0; ky < 5; ++ky)
-          for (int kx = 0; kx < 5; ++kx) {
-            const float w = w1[o * 25 + ky * 5 + kx];
-            const float* src = in + (y + ky) * 32 + kx;
-#pragma omp simd
-            for (int c = 0; c < 28; ++c) row[c] += w * src[c];
-          }
-      }
+    for (int o = 0; o < 6; ++o) {
+      std::fill(x1 + o * 784, x1 + (o + 1) * 784, b1[o]);
+      correlate_add(in, 32, w1 + o * 25, x1 + o * 784);
+    }
     squash(x1, 6 * 784);  // (6, 28, 28)
     subsample(x1, 6, 28, w2, b2, sum1, x2);
     squash(x2, 6 * 196);  // (6, 14, 14)
     for (int o = 0; o < 16; ++o) std::fill(x3 + o * 100, x3 + (o + 1) * 100, b3[o]);
-    for (int k = 0; k < 60; ++k) {
-      const float* src = x2 + pairs[2 * k + 1] * 196;
-      float* dst = x3 + pairs[2 * k] * 100;
-      for (int ky = 0; ky < 5; ++ky)
-        for (int kx = 0; kx < 5; ++kx) {
-          const float w = w3[k * 25 + ky * 5 + kx];
-          for (int y = 0; y < 10; ++y) {
-#pragma omp simd
-            for (int c = 0; c < 10; ++c) dst[y * 10 + c] += w * src[(y + ky) * 14 + kx + c];
-          }
-        }
-    }
+    for (int k = 0; k < 60; ++k)  // kernel k reads S2 map pairs[2k + 1] into C3 map pairs[2k]
+      correlate_add(x2 + pairs[2 * k + 1] * 196, 14, w3 + k * 25, x3 + pairs[2 * k] * 100);
     squash(x3, 1600);  // (16, 10, 10)
     subsample(x3, 16, 10, w4, b4, sum3, x4);
     squash(x4, 400);  // (16, 5, 5): C5's 5x5 kernels cover it whole, so C5 is a dense 400 -> 120 layer
@@ -721,7 +718,8 @@ void lenet5_sdlm_train(const float* x, const int64_t* labels, int64_t n, int64_t
     const int64_t label = labels[t];
     losses[t] = top + std::log(total) - z[label];
 
-    // backward, d* = dE/da of each layer: dE/dy_c = [c == label] - p_c, dE/dx6_i = sum_c dE/dy_c 2 (x6_i - w_ci)
+    // backward, d* = dE/da of each layer: dE/dy_c = [c == label] - p_c,
+    // dE/dx6_i = sum_c dE/dy_c 2 (x6_i - w_ci)
     for (int i = 0; i < 84; ++i) {
       float d = 0.0f;
       for (int c = 0; c < 10; ++c) d += ((c == label) - e[c] / total) * 2.0f * (x6[i] - centres[c * 84 + i]);
