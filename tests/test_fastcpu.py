@@ -1,5 +1,5 @@
 """The fused CPU kernels compute the plain model's function and gradients: `classic` and `modern`, and
-lenet5-1998's per-sample SDLM steps."""
+lenet5-1998's SDLM training steps, at any batch size."""
 
 from __future__ import annotations
 
