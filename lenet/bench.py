@@ -121,7 +121,7 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     and optimizer (what runs without a compiler)."""
     from lenet import data, fastcpu, sdlm
     from lenet.models import INPUT_NORMALIZATION, build
-    from lenet.train import FUSED_CHUNK, MAP_J, train_step
+    from lenet.train import MAP_J, train_step
 
     torch.manual_seed(0)
     model = build("lenet5-1998")
@@ -130,7 +130,7 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     optimizer.set_curvature(sdlm.curvature(model, data.normalize(dataset.train_images[:500], mean, std)))
     images, labels = dataset.train_images[:samples], dataset.train_labels[:samples]
     fused_step = fastcpu.fused_sdlm(model, optimizer, MAP_J) if fused else None
-    size = batch * max(1, FUSED_CHUNK // batch) if fused_step is not None else batch
+    size = fused_step.chunk if fused_step is not None else batch
     started = time.perf_counter()
     for i in range(0, samples - size + 1, size):
         if fused_step is not None:

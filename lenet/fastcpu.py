@@ -338,6 +338,9 @@ def _same_layers(model: nn.Module, build) -> bool:
     )
 
 
+FUSED_CHUNK = 100  # about this many samples per kernel call: a Python round trip per ~100 samples
+
+
 class FusedSDLM:
     """lenet5-1998 trained by SDLM with the MAP loss, whole chunks of samples per kernel call.
 
@@ -352,6 +355,7 @@ class FusedSDLM:
         self.params = [p for _, p in model.named_parameters()]
         self.optimizer, self.j = optimizer, float(j)
         self.batch = optimizer.param_groups[0]["samples_per_step"]
+        self.chunk = self.batch * max(1, FUSED_CHUNK // self.batch)  # samples per call: whole batches
         table = model.c3.table
         self.pairs = torch.tensor(
             [[o, i] for o, inputs in enumerate(table) for i in inputs], dtype=torch.int32

@@ -54,9 +54,6 @@ RECIPES: dict[str, dict] = {
 OPTIMIZERS = ("sgd", "adam", "adamw", "sdlm")
 SCHEDULES = ("constant", "step", "cosine", "one-cycle", "lecun1998")
 LOSSES = ("cross-entropy", "map")
-# The fused SDLM kernel for lenet5-1998 reads about this many samples per call (whole batches) and they are
-# distorted together; each batch is still its own step, at the learning rate of the chunk's first step.
-FUSED_CHUNK = 100
 MAP_J = 1.0  # the paper's constant j of the MAP loss (it gives no value; see docs/lenet5-1998.md)
 # The paper's eta per pass, relative to the first: 0.0005 x2, 0.0002 x3, 0.0001 x3, 0.00005 x4, then 0.00001.
 LECUN1998_FACTORS = (1, 1, 0.4, 0.4, 0.4, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1)
@@ -381,12 +378,9 @@ def fit(cfg: TrainConfig, log=print, dataset: data.Dataset | None = None) -> dic
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
-        # the fused SDLM kernel reads chunks of whole batches: the same samples in the same order
-        load_size = (
-            per_rank_batch * max(1, FUSED_CHUNK // per_rank_batch)
-            if fused_sdlm is not None
-            else per_rank_batch
-        )
+        # the fused SDLM kernel reads chunks of whole batches (the same samples in the same order), distorted
+        # together; each batch is still its own step, at the learning rate of the chunk's first step
+        load_size = fused_sdlm.chunk if fused_sdlm is not None else per_rank_batch
         batches = data.batches(
             dataset.train_images,
             dataset.train_labels,

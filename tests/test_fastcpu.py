@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenet import checkpoint, fastcpu, sdlm, train
+from lenet import checkpoint, fastcpu, sdlm
 from lenet.models import classic, lenet5_1998, map_loss, modern
 from lenet.train import MAP_J, TrainConfig, fit
 
@@ -234,7 +234,7 @@ def test_fit_with_the_fused_sdlm_gives_the_plain_loops_weights(tmp_path, tiny_da
     # chunks of 7 samples, 10 steps per pass: whole chunks per kernel call and one cut short. A small lr keeps
     # rounding differences from growing chaotically, while one step more, less or at another lr still moves
     # the weights by far more than the tolerance.
-    monkeypatch.setattr(train, "FUSED_CHUNK", 7)
+    monkeypatch.setattr(fastcpu, "FUSED_CHUNK", 7)
 
     def run(folder: str):
         cfg = TrainConfig.for_model(
