@@ -1,5 +1,6 @@
 """The 1998 paper's networks and training, checked against the paper's own numbers."""
 
+import dataclasses
 import json
 import math
 
@@ -99,13 +100,14 @@ def test_squashing_subsampling_and_input_scaling_are_the_papers():
     torch.testing.assert_close(padded[0, 0, 0], torch.full((32,), -0.1))  # padded with the background
 
 
-def test_init_is_uniform_within_2_4_over_root_fan_in():
+def test_init_gives_weights_a_spread_of_one_over_root_fan_in():
     model = build("lenet5-1998")
     for layer, fan_in in ((model.c1, 25), (model.c5, 400), (model.f6, 120)):
-        bound = 2.4 / math.sqrt(fan_in)
+        bound = math.sqrt(3 / fan_in)
         assert layer.weight.abs().max() <= bound
         assert layer.weight.abs().max() > 0.95 * bound and abs(layer.weight.mean()) < 0.1 * bound
-    c3_bounds = torch.tensor([2.4 / math.sqrt(25 * len(t)) for t in C3_TABLE for _ in t]).view(-1, 1, 1)
+    assert abs(model.c5.weight.std().item() * math.sqrt(400) - 1) < 0.02  # 48,000 samples of U(-b, b)
+    c3_bounds = torch.tensor([math.sqrt(3 / (25 * len(t))) for t in C3_TABLE for _ in t]).view(-1, 1, 1)
     assert (model.c3.weight.abs() <= c3_bounds).all()
 
 
@@ -175,10 +177,20 @@ def test_sdlm_rejects_layers_it_cannot_handle():
         sdlm.curvature(build("modern"), torch.randn(4, 1, 28, 28))
 
 
-def test_the_papers_recipe_trains_and_checkpoints_the_papers_scaling(tmp_path, tiny_dataset):
-    cfg = TrainConfig.for_model("lenet5-1998", epochs=3, out=str(tmp_path / "run"), device="cpu")
+def test_the_papers_recipe_trains_and_checkpoints_the_papers_scaling(tmp_path, mnist_cache):
+    # Real digits: on the synthetic bar set the first pass's steps saturate every C5 unit for some seeds
+    # (docs/lenet5-1998.md); on MNIST subsets seeds 0-5 all reach 92-94% in two passes.
+    mnist = data.load("mnist", mnist_cache / "mnist")
+    subset = dataclasses.replace(
+        mnist,
+        train_images=mnist.train_images[:3000],
+        train_labels=mnist.train_labels[:3000],
+        test_images=mnist.test_images[:1000],
+        test_labels=mnist.test_labels[:1000],
+    )
+    cfg = TrainConfig.for_model("lenet5-1998", epochs=2, out=str(tmp_path / "run"), device="cpu")
     assert (cfg.optimizer, cfg.loss, cfg.schedule) == ("sdlm", "map", "lecun1998")
-    fit(cfg, log=lambda _: None, dataset=tiny_dataset)
+    fit(cfg, log=lambda _: None, dataset=subset)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
     assert rows[-1]["test_acc"] > 0.9
@@ -188,5 +200,5 @@ def test_the_papers_recipe_trains_and_checkpoints_the_papers_scaling(tmp_path, t
     model, meta = checkpoint.load_model(tmp_path / "run" / "best.safetensors")
     mean, std = INPUT_NORMALIZATION["lenet5-1998"]
     assert meta["normalization"] == {"mean": mean, "std": std}
-    result = evaluate(model, tiny_dataset.test_images, tiny_dataset.test_labels, mean, std)
+    result = evaluate(model, subset.test_images, subset.test_labels, mean, std)
     assert result["accuracy"] == meta["metrics"]["test_acc"]
