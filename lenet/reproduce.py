@@ -79,8 +79,8 @@ NOTES = {
         "Our networks and training follow the paper; where it is silent, ambiguous or unstable here "
         "(initialisation, the MAP constant j, the output bitmaps, batches of 16 (LeNet-1: 8) instead of "
         "single samples, the distortion ranges, LeNet-1's and LeNet-4's connection tables) "
-        "`docs/lenet5-1998.md` says what we chose and why, and what we measured where LeNet-5 falls short "
-        "of the paper. Our numbers are the test error after the last pass, never the best pass."
+        "`docs/lenet5-1998.md` says what we chose and why, and what each choice changed. Our numbers are "
+        "the test error after the last pass, never the best pass."
     ),
     "d2l": (
         "The book's recipe: `classic` (sigmoid, average pooling) with Xavier-uniform weights, SGD without "

@@ -111,6 +111,20 @@ def test_init_gives_weights_a_spread_of_one_over_root_fan_in():
     assert (model.c3.weight.abs() <= c3_bounds).all()
 
 
+def test_init_starts_c5_in_the_squashing_functions_operating_range(mnist_cache):
+    # The paper's reason for its init; with 2.4/sqrt(F) 16-19% of C5's outputs start saturated
+    images = data.load("mnist", mnist_cache / "mnist").train_images[:1000]
+    mean, std = INPUT_NORMALIZATION["lenet5-1998"]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build("lenet5-1998")
+        up_to_c5 = model[: [name for name, _ in model.named_children()].index("c5") + 1]
+        with torch.no_grad():
+            sums = up_to_c5(data.normalize(images, mean, std))  # (1000, 120, 1, 1)
+        assert 0.8 < sums.std() < 1.3
+        assert (model.act5(sums).abs() > 1.6).float().mean() < 0.05
+
+
 def test_lenet1_and_lenet4_sizes():
     lenet1 = build("lenet1")
     assert count_parameters(lenet1) == 2_578  # the 1990 paper's count ("about 2,600" in 1998)
