@@ -161,11 +161,12 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     }
     result["speedup"] = round(result["images_per_s"] / result["baseline_images_per_s"], 2)
     result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats=max(1, steps // 20)), 1)
-    # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's 16: fused kernel vs plain
+    # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's: fused kernel vs plain
     from lenet import fastcpu
+    from lenet.train import RECIPES
 
     if fastcpu.load_extension() is not None:
-        for batch in (1, 16):
+        for batch in (1, RECIPES["lenet5-1998"]["batch_size"]):
             samples = steps * (20 if batch == 1 else 96)  # whole chunks of the fused kernel
             plain = _sdlm_images_per_s(dataset, batch, samples, fused=False)
             fused = _sdlm_images_per_s(dataset, batch, samples, fused=True)
