@@ -141,9 +141,9 @@ def digit_bitmaps() -> torch.Tensor:
 def _uniform_fan_in(tensor: torch.Tensor, fan_in: int | torch.Tensor) -> None:
     """Uniform with standard deviation 1 / sqrt(F), F the fan-in of the unit the weight feeds: U(-sqrt(3/F),
     sqrt(3/F)). The paper writes U(-2.4/F, 2.4/F) and gives its aim, weighted sums whose spread lies in the
-    squashing function's operating range in every layer; this is the rule that meets it (LeCun et al.'s
-    "Efficient BackProp", 1998), where 2.4/F shrinks the sums layer by layer and does not train, and
-    2.4/sqrt(F) saturates units that then never recover (docs/lenet5-1998.md)."""
+    squashing function's operating range in every layer. This rule (LeCun et al.'s "Efficient BackProp",
+    1998) meets that aim. The literal 2.4/F shrinks the sums layer by layer and does not train; 2.4/sqrt(F)
+    saturates units that then never recover (docs/lenet5-1998.md)."""
     with torch.no_grad():
         tensor.uniform_(-1, 1).mul_((3 / torch.as_tensor(fan_in, dtype=tensor.dtype)).sqrt())
 
