@@ -121,11 +121,12 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     and optimizer (what runs without a compiler)."""
     from lenet import data, fastcpu, sdlm
     from lenet.models import INPUT_NORMALIZATION, build
-    from lenet.train import MAP_J, train_step
+    from lenet.train import MAP_J, RECIPES, train_step
 
+    lr = RECIPES["lenet5-1998"]["lr"]  # the first passes' eta
     torch.manual_seed(0)
     model = build("lenet5-1998")
-    optimizer = sdlm.SDLM(model.parameters(), lr=5e-4, samples_per_step=batch)
+    optimizer = sdlm.SDLM(model.parameters(), lr=lr, samples_per_step=batch)
     mean, std = INPUT_NORMALIZATION["lenet5-1998"]
     optimizer.set_curvature(sdlm.curvature(model, data.normalize(dataset.train_images[:500], mean, std)))
     images, labels = dataset.train_images[:samples], dataset.train_labels[:samples]
@@ -134,7 +135,7 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     started = time.perf_counter()
     for i in range(0, samples - size + 1, size):
         if fused_step is not None:
-            fused_step.step(data.normalize(images[i : i + size], mean, std), labels[i : i + size], 5e-4)
+            fused_step.step(data.normalize(images[i : i + size], mean, std), labels[i : i + size], lr)
         else:
             train_step(
                 model, optimizer, images[i : i + size], labels[i : i + size], mean, std, loss_name="map"
