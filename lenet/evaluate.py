@@ -93,7 +93,7 @@ def evaluate_checkpoint(
     mistakes) into out_dir (default: the checkpoint's folder); report["plots"] names them.
     """
     from lenet import checkpoint, data, plots
-    from lenet.train import resolve_device
+    from lenet.device import resolve_device
 
     torch_device = resolve_device(device)
     model, meta = checkpoint.load_model(checkpoint_path, torch_device)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lenet import atomic
-from lenet.errors import LenetError
+from lenet.errors import LenetError, optional
 
 if TYPE_CHECKING:
     import onnx
@@ -62,18 +61,12 @@ TORCHSCRIPT_META = "lenet.json"  # the contract inside a TorchScript archive (to
 PROB_TOLERANCE = 1e-5
 INT8_MAX_ACCURACY_DROP = 0.002  # 0.2 points
 CALIBRATION_IMAGES = 1000
-INSTALL_HINT = "pip install 'lenet[onnx]'"
 BATCH = 2000
 
 
 def _import(*names: str) -> list[Any]:
     """The optional ONNX packages, or a LenetError saying which extra to install."""
-    try:
-        return [importlib.import_module(name) for name in names]
-    except ImportError as e:
-        raise LenetError(
-            f"ONNX support needs the optional package {e.name or names[0]}: install it with {INSTALL_HINT}"
-        ) from None
+    return optional(*names, purpose="ONNX support")
 
 
 @contextlib.contextmanager

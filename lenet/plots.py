@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lenet import atomic
-from lenet.errors import LenetError
+from lenet.errors import LenetError, optional
 
 
 def available() -> bool:
@@ -30,10 +30,8 @@ def available() -> bool:
 
 
 def _figure(width: float, height: float):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise LenetError("plots need matplotlib: pip install 'lenet[plot]'") from None
+    (figure,) = optional("matplotlib.figure", purpose="plots")
+    Figure = figure.Figure
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 

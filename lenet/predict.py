@@ -221,7 +221,7 @@ def load(checkpoint_path: str | Path, device: str = "cpu", fold: bool = True) ->
     passes False so that it shows the conv1 filters exactly as trained.
     """
     from lenet import checkpoint
-    from lenet.train import resolve_device
+    from lenet.device import resolve_device
 
     model, meta = checkpoint.load_model(checkpoint_path, resolve_device(device))
     return (fold_batch_norm(model) if fold else model), meta

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lenet import atomic, augment, checkpoint, data, sdlm
+from lenet.device import resolve_device
 from lenet.errors import LenetError
 from lenet.evaluate import evaluate
 from lenet.models import INPUT_NORMALIZATION, build, count_parameters, map_loss
@@ -138,22 +139,6 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
             raise LenetError("--weight-decay: the sdlm optimizer has none; use 0")
         return sdlm.SDLM(model.parameters(), lr=cfg.lr, samples_per_step=cfg.batch_size)
     raise _unknown("--optimizer", cfg.optimizer, OPTIMIZERS)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LenetError("--device cuda: CUDA is not available on this machine")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LenetError("--device mps: MPS is not available on this machine")
-    if name not in ("cpu", "cuda", "mps"):
-        raise LenetError(f"--device: unknown device {name!r}, expected auto, cpu, cuda or mps")
-    return torch.device(name)
 
 
 @dataclass
