@@ -79,13 +79,14 @@ def _tutorial_images_per_s(dataset, steps: int) -> float:
 
 def _ours_images_per_s(dataset, steps: int) -> float:
     from lenet import data
+    from lenet.fastcpu import fast_forward
     from lenet.models import classic
-    from lenet.train import fast_cpu_module, train_step
+    from lenet.steps import train_step
 
     torch.manual_seed(0)
     model = classic().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model = fast_cpu_module(model)
+    model = fast_forward(model) or model
     generator = torch.Generator().manual_seed(0)
     mean, std = data.MNIST_MEAN, data.MNIST_STD
     batches = data.batches(
@@ -105,10 +106,11 @@ def _ours_images_per_s(dataset, steps: int) -> float:
 def _eval_images_per_s(dataset, repeats: int) -> float:
     from lenet import data
     from lenet.evaluate import predict_logits
+    from lenet.fastcpu import fast_forward
     from lenet.models import classic
-    from lenet.train import fast_cpu_module
 
-    model = fast_cpu_module(classic().to(memory_format=torch.channels_last)).eval()  # as fit evaluates
+    plain = classic().to(memory_format=torch.channels_last)
+    model = (fast_forward(plain) or plain).eval()  # as fit evaluates
     predict_logits(model, dataset.test_images[:2000], data.MNIST_MEAN, data.MNIST_STD)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -120,8 +122,9 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
     """lenet5-1998 trained by SDLM with the MAP loss as fit trains it: the fused kernel, or the plain model
     and optimizer (what runs without a compiler)."""
     from lenet import data, fastcpu, sdlm
+    from lenet.config import RECIPES
     from lenet.models import INPUT_NORMALIZATION, build
-    from lenet.train import MAP_J, RECIPES, train_step
+    from lenet.steps import MAP_J, train_step
 
     lr = RECIPES["lenet5-1998"]["lr"]  # the first passes' eta
     torch.manual_seed(0)
@@ -164,7 +167,7 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats=max(1, steps // 20)), 1)
     # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's: fused kernel vs plain
     from lenet import fastcpu
-    from lenet.train import RECIPES
+    from lenet.config import RECIPES
 
     if fastcpu.load_extension() is not None:
         for batch in (1, RECIPES["lenet5-1998"]["batch_size"]):

@@ -7,8 +7,11 @@ lives in the file's metadata as JSON under the key "lenet". Loading never unpick
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,19 +125,108 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(meta, groups["model"], optimizer_state, groups["extra"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def class_path(cls: type) -> str:
+    """ "module:QualName" of a class, what a checkpoint records to rebuild a module of the user's own."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _is_json_value(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_json_value(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def known_kwargs(model: nn.Module) -> dict | None:
+    """The constructor arguments a module of the user's own was built with, where they can be known.
+
+    A parameter of __init__ counts as known when the module holds a plain (JSON) attribute of that name, as
+    `self.hidden = hidden` does, or has a default; None when a required one is unknown.
+    """
+    try:
+        parameters = list(inspect.signature(type(model).__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    kwargs = {}
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = getattr(model, p.name, inspect.Parameter.empty)
+        if value is not inspect.Parameter.empty and _is_json_value(value):
+            kwargs[p.name] = list(value) if isinstance(value, tuple) else value
+        elif p.default is inspect.Parameter.empty:
+            return None
+    return kwargs
+
+
+def model_spec(model: nn.Module, name: str, kwargs: dict | None) -> dict:
+    """What a checkpoint says about its model: {"name": a built-in name or "module:QualName", "kwargs":
+    constructor arguments, or None where they are unknown}. kwargs None: found by known_kwargs."""
+    if ":" in name and kwargs is None:
+        kwargs = known_kwargs(model)
+    return {"name": name, "kwargs": kwargs}
+
+
+def _import_class(name: str) -> type:
+    """The nn.Module subclass "module:QualName" names; LenetError saying what to import when it fails."""
+    module_name, _, qualname = name.partition(":")
+    if module_name == "__main__" and not hasattr(sys.modules.get("__main__"), qualname.split(".")[0]):
+        raise LenetError(
+            f"model class {qualname} was defined in the script or notebook that trained it (__main__): "
+            f"move it into a module you can import, or pass it in Python: "
+            f"lenet.load(PATH, model={qualname}())"
+        )
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except ImportError as e:
+        raise LenetError(
+            f"model class {name}: cannot import {module_name} ({e}); put it on PYTHONPATH, or in Python pass "
+            f"the model: lenet.load(PATH, model={qualname.split('.')[-1]}())"
+        ) from None
+    except AttributeError:
+        raise LenetError(f"model class {name}: {module_name} has no {qualname}") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise LenetError(f"model class {name}: not an nn.Module class")  # never call anything else
+    return found
+
+
+def build_model(spec: dict) -> nn.Module:
+    """The model a checkpoint's meta["model"] describes, freshly initialised."""
+    from lenet.models import build
+
+    name, kwargs = spec["name"], spec.get("kwargs", {})
+    if ":" not in name:
+        return build(name, **kwargs)
+    cls = _import_class(name)
+    if kwargs is None:
+        raise LenetError(
+            f"model class {name}: its constructor arguments are unknown; in Python pass the model: "
+            f"lenet.load(PATH, model={cls.__name__}(...))"
+        )
+    return cls(**kwargs)
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", model: nn.Module | None = None
+) -> tuple[nn.Module, dict]:
     """Rebuild the exact model a checkpoint describes, in eval mode, with no other input.
 
+    model: a module of the right architecture to load the weights into instead (for a class of the user's
+    own that cannot be imported or rebuilt from its recorded constructor arguments).
     Also checks what every user of the model relies on: finite weights, meta "normalization" (finite mean,
     positive std) and "classes" (one name per output), and "input_shape" and "dataset" where present.
     """
-    from lenet.models import build
-
     ckpt = load(path)
     spec = ckpt.meta.get("model", {})
     try:
-        model = build(spec["name"], **spec.get("kwargs", {}))
+        if model is None:
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise KeyError("name")
+            model = build_model(spec)
         model.load_state_dict(ckpt.model_state)
+    except LenetError as e:
+        raise LenetError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         reason = _first_line(e)
         raise LenetError(f"{path}: checkpoint does not describe a buildable model: {reason}") from None

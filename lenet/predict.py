@@ -94,7 +94,7 @@ def _is_conv(layer: nn.Module) -> bool:
 
 @torch.no_grad()
 def feature_maps(
-    model: nn.Sequential, image: np.ndarray | torch.Tensor, mean: float, std: float
+    model: nn.Module, image: np.ndarray | torch.Tensor, mean: float, std: float
 ) -> dict[str, torch.Tensor]:
     """What each convolution layer makes of one uint8 image (28, 28), by layer name, on the CPU:
     {"conv1": (6, 28, 28), "conv2": (16, 10, 10)} for classic and modern ("c1", "c3" for the 1998 nets).
@@ -103,44 +103,50 @@ def feature_maps(
     i.e. the activations that the next (pooling) layer reads. Layers with 1x1 outputs are left out.
     """
     from lenet.data import normalize
+    from lenet.models import trace
 
     device = next(model.parameters()).device
     x = normalize(_as_batch(torch.as_tensor(image).reshape(1, 28, 28)).to(device), mean, std)
     was_training = model.training
     model.eval()
+    try:
+        with _convolutions_for(x):
+            calls = trace(model, x)  # every layer call in forward order, whatever the model's forward is
+    finally:
+        model.train(was_training)
     maps: dict[str, torch.Tensor] = {}
     current, shape = None, None
-    with _convolutions_for(x):
-        for name, layer in model.named_children():
-            x = layer(x)
-            if _is_conv(layer) and x.dim() == 4 and x.shape[-1] * x.shape[-2] > 1:
-                current, shape = name, x.shape
-            elif x.shape != shape:
-                current = None
-            if current is not None:
-                maps[current] = x[0].float().cpu()
-    model.train(was_training)
+    for name, layer, out in calls:
+        if _is_conv(layer) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
+            current, shape = name, out.shape
+        elif out.shape != shape:
+            current = None
+        if current is not None:
+            maps[current] = out[0].float().cpu()
     return maps
 
 
-def first_filters(model: nn.Sequential) -> tuple[str, torch.Tensor]:
-    """The first convolution layer's name and kernels (maps, k, k), on the CPU."""
-    for name, layer in model.named_children():
+def first_filters(model: nn.Module) -> tuple[str, torch.Tensor]:
+    """The first convolution layer's name and kernels (maps, k, k), on the CPU (in registration order)."""
+    for name, layer in model.named_modules():
         if _is_conv(layer):
             weight = layer.weight.detach().float().cpu()
             return name, weight.reshape(-1, *weight.shape[-2:])
     raise ValueError("the model has no convolution layer")
 
 
-def fold_batch_norm(model: nn.Sequential) -> nn.Sequential:
+def fold_batch_norm(model: nn.Module) -> nn.Module:
     """An inference copy: each batch norm folded into the conv or linear layer before it, dropout left out,
-    max-pooling over separate windows done as WindowMax.
+    max-pooling over separate windows done as WindowMax. Only for nn.Sequential stacks (ours); any other
+    module (a forward of the user's own) is returned as it is.
 
     In eval mode it computes the same function (to float rounding) with fewer layers per call, which is
     what one image's latency is made of (modern: 19 layers become 11, about 40% less time), and in half the
     time per image on large batches. Layer names are kept, so feature_maps reads the same activations.
     Other layers are shared with `model`.
     """
+    if type(model) is not nn.Sequential:
+        return model
     layers: list[tuple[str, nn.Module]] = []
     for name, layer in model.named_children():
         previous = layers[-1][1] if layers else None

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from lenet import atomic, data
+from lenet.config import TrainConfig, command_line
 from lenet.errors import LenetError
-from lenet.train import TrainConfig, fit
+from lenet.train import fit
 
 SMOKE_STEPS = 3  # batches per run in smoke mode
 
@@ -66,6 +67,7 @@ D2L_RECIPE = dict(
     momentum=0.0,
     schedule="constant",
     weight_decay=0.0,
+    val_split=0,  # the book trains on all 60,000 images and reports the last epoch
 )
 D2L = (
     Row("d2l-classic", "d2l LeNet (classic, SGD 0.9)", "classic", D2L_RECIPE, 0.779, "within 2 points",
@@ -116,18 +118,10 @@ def machine() -> str:
 
 def train_command(cfg: TrainConfig, row: Row) -> str:
     """The `lenet train` line that repeats one run (the model's recipe plus the row's overrides)."""
-    parts = ["lenet train", f"--model {cfg.model}"]
-    flags = {"dataset": "--dataset", "epochs": "--epochs", "batch_size": "--batch-size",
-             "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum", "schedule": "--schedule",
-             "weight_decay": "--weight-decay", "augment": "--augment"}  # fmt: skip
-    for name, flag in flags.items():
-        if name in row.overrides:
-            parts.append(f"{flag} {getattr(cfg, name)}")
-    parts += [f"--seed {cfg.seed}", f"--out {cfg.out}"]
-    return " ".join(parts)
+    return command_line(cfg, [*row.overrides, "seed", "out"])
 
 
-_NOT_COMPARED = ("resume", "device", "data_dir")  # do not change what a run computes
+_NOT_COMPARED = ("resume", "overwrite", "device", "data_dir")  # do not change what a run computes
 
 
 def _finished_part(cfg: TrainConfig) -> dict | None:
@@ -227,7 +221,7 @@ def configs(
             }
             if smoke:
                 overrides.update(epochs=1, max_steps_per_epoch=SMOKE_STEPS)
-            result[-1][1].append(TrainConfig.for_model(row.model, **overrides))
+            result[-1][1].append(TrainConfig(model=row.model, **overrides))
     return result
 
 
@@ -264,7 +258,10 @@ def run(
     default_out = runs_dir / f"reproduce-{name}-smoke.md" if smoke else Path(f"docs/reproduce-{name}.md")
     out = Path(out) if out else default_out
     atomic.make_folder(out.parent)
-    plan = configs(name, seeds, smoke, runs_dir, device=device, data_dir=data_dir, resume=resume)
+    # the runs folder is this command's own: without resume, its runs are trained again from scratch
+    plan = configs(
+        name, seeds, smoke, runs_dir, device=device, data_dir=data_dir, resume=resume, overwrite=not resume
+    )
     command = f"lenet reproduce {name} --seeds {seeds}" + (" --smoke" if smoke else "")
 
     def write_report() -> None:

@@ -49,15 +49,12 @@ def tiny_dataset() -> data.Dataset:
 
 
 def _train_briefly(model: str, epochs: int, mnist_cache: Path, factory: pytest.TempPathFactory) -> Path:
-    from lenet.train import TrainConfig, fit
+    from lenet.train import fit
 
     out = factory.mktemp(f"{model}-run")
     data_dir = str(mnist_cache / "mnist")
-    fit(
-        TrainConfig.for_model(model, epochs=epochs, data_dir=data_dir, out=str(out), device="cpu"),
-        log=lambda _: None,
-    )
-    return out / "best.safetensors"
+    run = fit(model, epochs=epochs, data_dir=data_dir, out=str(out), device="cpu", log=lambda _: None)
+    return run.checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from lenet import fastcpu
-from lenet.cli import DATASET_CHOICES, MODEL_CHOICES
 
 
 def lenet(*args, env=None, check=True):
@@ -35,16 +34,26 @@ def test_help_and_argument_errors_answer_without_importing_torch():
     assert "summary" in lenet("--help").stdout
 
 
-def test_choices_match_the_library():
-    from lenet import data, models
+def test_the_train_flags_are_the_config_fields():
+    from lenet.cli import build_parser
+    from lenet.config import TrainConfig, flag_fields
 
-    assert set(MODEL_CHOICES) == set(models.MODEL_NAMES)
-    assert set(DATASET_CHOICES) == set(data.DATASETS)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest for a in train._actions if a.option_strings and a.dest != "help"}
+    assert flags == {f.name for f in flag_fields()}
+    assert flags == set(TrainConfig.__dataclass_fields__) - {"model_kwargs"}
+
+
+def test_one_list_of_models_and_datasets():
+    from lenet import config, data, models
+
+    assert tuple(models._BUILDERS) == config.MODELS
+    assert tuple(data.DATASETS) == config.DATASETS
 
 
 def test_summary_prints_the_tutorial_shapes():
     out = lenet("summary", "--model", "classic").stdout
-    shapes = [line.split()[1] for line in out.splitlines()[2:-1]]
+    shapes = [line.split()[2] for line in out.splitlines()[2:-1]]
     assert shapes == [
         "6x28x28", "6x28x28", "6x14x14", "16x10x10", "16x10x10", "16x5x5",
         "400", "120", "120", "84", "84", "10",
@@ -58,6 +67,7 @@ def test_summary_with_another_batch_and_an_input_size_that_does_not_fit():
     result = lenet("summary", "--model", "classic", "--input-size", "32", "32", check=False)
     assert result.returncode == 2
     assert "--input-size: input 1x32x32 does not fit layer fc1" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
@@ -87,7 +97,7 @@ def test_data_train_evaluate_bench_end_to_end(tmp_path, mnist_cache):
         str(run),
         env=env,
     )
-    assert "test accuracy" in train.stdout and str(run / "last.safetensors") in train.stdout
+    assert "test accuracy" in train.stdout and str(run / "best.safetensors") in train.stdout
     assert (run / "metrics.jsonl").exists()
 
     report = json.loads(lenet("evaluate", str(run / "last.safetensors"), "--json", env=env).stdout)

@@ -76,10 +76,11 @@ def test_a_failed_rank_ends_the_job_instead_of_hanging(tmp_path, mnist_cache):
     worker.write_text(
         textwrap.dedent(f"""
         import os, sys
-        from lenet import train
-        from lenet.train import TrainConfig, fit
+        from lenet import steps
+        from lenet.config import TrainConfig
+        from lenet.train import fit
 
-        real_step = train.train_step
+        real_step = steps.train_step
         calls = []
 
         def failing_step(*args, **kwargs):
@@ -88,7 +89,7 @@ def test_a_failed_rank_ends_the_job_instead_of_hanging(tmp_path, mnist_cache):
                 raise RuntimeError("rank 1 fails on purpose")
             return real_step(*args, **kwargs)
 
-        train.train_step = failing_step
+        steps.train_step = failing_step
         fit(TrainConfig(epochs=1, device="cpu", out={str(tmp_path / "run")!r}), log=print)
     """)
     )

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from lenet import checkpoint, fastcpu, sdlm
 from lenet.models import classic, lenet5_1998, map_loss, modern
-from lenet.train import MAP_J, TrainConfig, fit
+from lenet.steps import MAP_J
+from lenet.train import TrainConfig, fit
 
 needs_ext = pytest.mark.skipif(fastcpu.load_extension() is None, reason="no C++ compiler for the kernel")
 
@@ -237,8 +238,8 @@ def test_fit_with_the_fused_sdlm_gives_the_plain_loops_weights(tmp_path, tiny_da
     monkeypatch.setattr(fastcpu, "FUSED_CHUNK", 7)
 
     def run(folder: str):
-        cfg = TrainConfig.for_model(
-            "lenet5-1998", epochs=2, batch_size=batch, lr=5e-6, max_steps_per_epoch=10,
+        cfg = TrainConfig(
+            model="lenet5-1998", epochs=2, batch_size=batch, lr=5e-6, max_steps_per_epoch=10,
             out=str(tmp_path / folder), device="cpu",
         )  # fmt: skip
         fit(cfg, log=lambda _: None, dataset=tiny_dataset)

@@ -223,7 +223,19 @@ def tiny_cli(monkeypatch, tiny_dataset, capsys):
     return run
 
 
-TRAIN = ("train", "--model", "classic", "--batch-size", "16", "--lr", "0.01", "--device", "cpu")
+TRAIN = (
+    "train",
+    "--model",
+    "classic",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.01",
+    "--device",
+    "cpu",
+    "--val-split",
+    "0",
+)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +354,14 @@ def test_a_crash_before_any_rename_resumes_to_the_uninterrupted_run(tmp_path, mo
 
     def config(out: Path, **overrides) -> TrainConfig:
         return TrainConfig(
-            model="classic", epochs=3, batch_size=16, lr=0.01, out=str(out), device="cpu", **overrides
+            model="classic",
+            epochs=3,
+            batch_size=16,
+            lr=0.01,
+            out=str(out),
+            device="cpu",
+            val_split=100,
+            **overrides,
         )
 
     real_replace = os.replace

@@ -202,7 +202,7 @@ def test_the_papers_recipe_trains_and_checkpoints_the_papers_scaling(tmp_path, m
         test_images=mnist.test_images[:1000],
         test_labels=mnist.test_labels[:1000],
     )
-    cfg = TrainConfig.for_model("lenet5-1998", epochs=2, out=str(tmp_path / "run"), device="cpu")
+    cfg = TrainConfig(model="lenet5-1998", epochs=2, out=str(tmp_path / "run"), device="cpu")
     assert (cfg.optimizer, cfg.loss, cfg.schedule) == ("sdlm", "map", "lecun1998")
     fit(cfg, log=lambda _: None, dataset=subset)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

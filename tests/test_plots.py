@@ -71,7 +71,13 @@ def test_explain_figure_holds_input_filters_maps_and_bars(tmp_path):
 
 def test_training_writes_curves_and_confusion(tmp_path, tiny_dataset):
     cfg = TrainConfig(
-        model="classic", epochs=2, batch_size=32, lr=0.01, out=str(tmp_path / "run"), device="cpu"
+        model="classic",
+        epochs=2,
+        batch_size=32,
+        lr=0.01,
+        out=str(tmp_path / "run"),
+        device="cpu",
+        val_split=0,
     )
     fit(cfg, log=lambda _: None, dataset=tiny_dataset)
     for name in ("curves.png", "confusion.png"):

@@ -5,12 +5,21 @@ import pytest
 import torch
 
 from lenet import checkpoint
+from lenet.config import RECIPES, SCHEDULES, TrainConfig
 from lenet.errors import LenetError
-from lenet.train import RECIPES, SCHEDULES, TrainConfig, fit, learning_rate
+from lenet.train import fit, learning_rate
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="classic", epochs=2, batch_size=16, lr=0.01, out=str(tmp_path / "run"), device="cpu")
+    values = dict(
+        model="classic",
+        epochs=2,
+        batch_size=16,
+        lr=0.01,
+        out=str(tmp_path / "run"),
+        device="cpu",
+        val_split=0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -21,12 +30,13 @@ def test_a_few_epochs_lower_the_loss_and_write_the_run_folder(tmp_path, tiny_dat
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {
-        "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s",
+        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
+        "images_per_s",
     }  # fmt: skip
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["test_acc"] > 0.5  # ten easy classes: chance is 0.1
     assert json.loads((run / "config.json").read_text())["model"] == "classic"
-    assert (run / "best.safetensors").exists() and result["last"] == str(run / "last.safetensors")
+    assert (run / "best.safetensors").exists() and result.last == run / "last.safetensors"
 
 
 def test_checkpoint_alone_rebuilds_the_exact_model(tmp_path, tiny_dataset):
@@ -96,7 +106,8 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_its_accuracy(tmp_pat
     before = last.read_bytes()
     lines: list[str] = []
     again = fit(tiny_config(tmp_path, epochs=2, resume=True), log=lines.append, dataset=tiny_dataset)
-    assert again["test_acc"] == first["test_acc"] and again["best_test_acc"] == first["best_test_acc"]
+    assert again.test_acc == first.test_acc and again.chosen_epoch == first.chosen_epoch == 2
+    assert again.history == first.history
     assert any("nothing left to train" in line for line in lines)
     assert last.read_bytes() == before
 
@@ -130,14 +141,14 @@ def test_schedules_start_near_peak_or_warm_up_and_end_low(schedule):
 
 def test_recipes_are_valid_configs():
     for model in RECIPES:
-        cfg = TrainConfig.for_model(model, epochs=None, lr=0.5)
+        cfg = TrainConfig(model=model, epochs=None, lr=0.5)
         assert cfg.model == model and cfg.lr == 0.5 and cfg.epochs == RECIPES[model]["epochs"]
 
 
 @pytest.mark.real_data
 def test_real_mnist_short_training_clears_an_accuracy_floor(tmp_path, mnist_cache):
-    cfg = TrainConfig.for_model(
-        "modern", epochs=1, data_dir=str(mnist_cache / "mnist"), out=str(tmp_path / "run"), device="cpu"
+    cfg = TrainConfig(
+        model="modern", epochs=1, data_dir=str(mnist_cache / "mnist"), out=str(tmp_path / "run"), device="cpu"
     )
     result = fit(cfg, log=lambda _: None)
-    assert result["test_acc"] >= 0.97
+    assert result.test_acc >= 0.97
