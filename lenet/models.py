@@ -371,10 +371,14 @@ _BUILDERS = {
 
 
 def build(name: str, **kwargs) -> nn.Sequential:
-    """Build a model by name; kwargs go to its constructor (and are stored in checkpoints)."""
+    """Build a model by name; kwargs go to its constructor (and are stored in checkpoints).
+
+    The model remembers what it is (`lenet_spec`), so that training the module itself records it by name."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
-    return _BUILDERS[name](**kwargs)
+    model = _BUILDERS[name](**kwargs)
+    model.lenet_spec = {"name": name, "kwargs": dict(kwargs)}
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

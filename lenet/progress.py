@@ -21,6 +21,22 @@ def in_notebook() -> bool:
     return type(ipython).__name__ == "ZMQInteractiveShell"
 
 
+def _tqdm():
+    """tqdm's widget in a notebook where ipywidgets is installed; else its text bar (which a notebook shows
+    in place as well)."""
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+
+            return tqdm
+        except ImportError:
+            pass
+    from tqdm import tqdm
+
+    return tqdm
+
+
 class Progress:
     """One epoch's bar (tqdm): steps done, running loss and accuracy, images/s. Does nothing when off."""
 
@@ -28,11 +44,7 @@ class Progress:
         self.total, self.world_size, self.started = total, world_size, time.perf_counter()
         self.bar = None
         if enabled and (sys.stderr.isatty() or in_notebook()):
-            if in_notebook():
-                from tqdm.auto import tqdm  # a widget where ipywidgets is installed, else text
-            else:
-                from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.bar = _tqdm()(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def update(
         self, done: int, taken: range, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int

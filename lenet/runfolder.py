@@ -100,14 +100,15 @@ def claim(out: str | Path | None, default: Path, resume: bool, overwrite: bool, 
     """
     if out is not None or resume or overwrite:
         folder = Path(out) if out is not None else default
-        lock = _lock(folder)
-        if lock is None:
+        try:
+            lock = _lock(folder)
+        except _Busy:
             raise LenetError(
-                f"{folder}: in use by a training run ({_holder(folder)}); wait or choose another --out"
-            )
+                f"{folder}: in use by a training run ({_holder(folder)}); wait for it or choose another --out"
+            ) from None
         found = _holds_run(folder)
         if found and not (resume or overwrite):
-            lock.close()
+            _close(lock)
             raise LenetError(
                 f"{folder}: holds a run already ({', '.join(found)}): --resume continues it, "
                 "--overwrite replaces it, or choose another --out"

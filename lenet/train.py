@@ -28,7 +28,7 @@ from lenet.config import RECIPES, TrainConfig
 from lenet.device import resolve_device
 from lenet.errors import LenetError
 from lenet.evaluate import evaluate
-from lenet.models import INPUT_NORMALIZATION, count_parameters
+from lenet.models import INPUT_NORMALIZATION, build, count_parameters
 from lenet.progress import Progress
 from lenet.steps import make_step
 
@@ -57,6 +57,13 @@ class Run:
 
     def __post_init__(self) -> None:
         self.last = self.folder / "last.safetensors"
+
+    def __repr__(self) -> str:
+        stopped = ", interrupted" if self.interrupted else ""
+        return (
+            f"Run({self.config.model}, {len(self.history)} epochs in {self.folder}, chosen epoch "
+            f"{self.chosen_epoch}, test accuracy {self.test_acc}{stopped})"
+        )
 
     @property
     def test_acc(self) -> float | None:
@@ -323,12 +330,23 @@ def _silent(*_args) -> None:
     pass
 
 
+def _builtin(model: nn.Module) -> tuple[str, dict] | None:
+    """(name, kwargs) of a module that lenet.build made and nobody changed since (same layers), else None."""
+    spec = getattr(model, "lenet_spec", None)
+    if spec is None:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the reference must not shift the caller's RNG
+        reference = build(spec["name"], **spec["kwargs"])
+    return (spec["name"], spec["kwargs"]) if repr(reference) == repr(model) else None
+
+
 def _config(model: str | nn.Module | TrainConfig, options: dict) -> tuple[TrainConfig, nn.Module | None]:
     """fit's first argument and options -> the run's config, and the user's module if one was given."""
     if isinstance(model, TrainConfig):
         return (dataclasses.replace(model, **options) if options else model), None
     if isinstance(model, nn.Module):
-        return TrainConfig(model=checkpoint.class_path(type(model)), **options), model
+        name, kwargs = _builtin(model) or (checkpoint.class_path(type(model)), {})
+        return TrainConfig(**{"model": name, "model_kwargs": kwargs, **options}), model
     return TrainConfig(model=model, **options), None
 
 
@@ -398,36 +416,45 @@ def _fit(cfg, module, dataset, device, dist_info: Distributed, say, on_epoch) ->
         )
     if cfg.sync_batchnorm and dist_info.world_size > 1 and device.type != "cuda":
         raise LenetError("--sync-batchnorm needs CUDA (PyTorch syncs batch norm only across GPUs)")
-    ctx = _prepare(cfg, module, dataset, device, dist_info, say)
+    rng = _Rng.seeded(cfg.seed)
+    net = (
+        module
+        if module is not None
+        else checkpoint.build_model({"name": cfg.model, "kwargs": cfg.model_kwargs})
+    )
+    classes = len(data.DATASETS[cfg.dataset].classes)
+    _check_model(
+        net.to(device), classes, device
+    )  # before the folder and the data: a wrong model says so at once
+    optimizer = make_optimizer(cfg, net)
+    folder = _claim(cfg, dist_info, say)
     try:
+        ctx = _prepare(dataclasses.replace(cfg, out=str(folder.path)), module, net, optimizer, rng, folder,
+                       dataset, device, dist_info, say)  # fmt: skip
         interrupted = _run_epochs(ctx, on_epoch)
         _finish(ctx)
     finally:
-        ctx.folder.release()
-    chosen = ctx.folder.best if ctx.chosen is not None else None
+        folder.release()
+    chosen = folder.best if ctx.chosen is not None else None
     if chosen is not None and dist_info.is_main:  # the returned module holds the chosen epoch's weights
-        ctx.net.load_state_dict(checkpoint.load(chosen).model_state)
-    return Run(
-        ctx.net, ctx.history, chosen, ctx.folder.path, ctx.cfg, interrupted, ctx.chosen, dist_info.rank
-    )
+        net.load_state_dict(checkpoint.load(chosen).model_state)
+    return Run(net, ctx.history, chosen, folder.path, ctx.cfg, interrupted, ctx.chosen, dist_info.rank)
 
 
-def _prepare(cfg: TrainConfig, module, dataset, device, dist_info: Distributed, say) -> _Context:
-    rng = _Rng.seeded(cfg.seed)
+def _prepare(
+    cfg: TrainConfig, module, net, optimizer, rng, folder, dataset, device, dist_info, say
+) -> _Context:
+    """Data, resume, the step, the checkpoint's description of the run, config.json and metrics.jsonl."""
+    spec = data.DATASETS[cfg.dataset]
     full = (dataset if dataset is not None else data.load(cfg.dataset, cfg.data_dir, log=say)).to(device)
     train, val = _split(full, cfg.val_split)
-    spec = data.DATASETS[cfg.dataset]
     mean, std = INPUT_NORMALIZATION.get(cfg.model, (spec.mean, spec.std))
-    spec_given = {"name": cfg.model, "kwargs": cfg.model_kwargs}
-    net = (module if module is not None else checkpoint.build_model(spec_given)).to(device)
-    _check_model(net, len(full.classes), device)
-    optimizer = make_optimizer(cfg, net)
-    model_spec = checkpoint.model_spec(net, cfg.model, cfg.model_kwargs if module is None else None)
-    folder = _claim(cfg, dist_info, say)
+    # a module of the user's own: its constructor arguments are found, unless given as model_kwargs
+    kwargs = cfg.model_kwargs or (None if module is not None and ":" in cfg.model else {})
+    model_spec = checkpoint.model_spec(net, cfg.model, kwargs)
     start, resumed = (
         _resume(cfg, folder.last, net, optimizer, rng, model_spec, say) if cfg.resume else (0, {})
     )
-    cfg = dataclasses.replace(cfg, out=str(folder.path))
     step, eval_model = make_step(cfg, net, optimizer, mean, std, device, dist_info.world_size)
     meta = {
         "model": model_spec,
