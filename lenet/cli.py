@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from lenet.config import DATASETS, DEVICES, MODELS, flag, flag_fields
+from lenet.config import DATASETS, DEVICES, MODELS, REPRODUCTIONS, flag, flag_fields
 from lenet.errors import LenetError
 
 
@@ -101,7 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from lenet.predict import classifier, load
 
         # One thread: single images are faster without hand-offs, and a folder's preprocessing workers take
-        # the other CPUs (lenet bench predict: 0.8 vs 1.0 ms per image, 5,800 vs 2,900 images/s on 2 CPUs).
+        # the other CPUs (docs/speed.md, "Prediction").
         torch.set_num_threads(1)
         model, meta = load(args.checkpoint, args.device)
         norm, classes = meta["normalization"], meta["classes"]
@@ -190,7 +190,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str}
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "dict": _json_object}
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reproduce", help="train published networks; write our numbers beside theirs")
-    p.add_argument("name", choices=("lecun1998", "d2l"))
+    p.add_argument("name", choices=REPRODUCTIONS)
     p.add_argument("--seeds", type=int, default=1, help="runs per network (seeds 0..N-1)")
     p.add_argument("--smoke", action="store_true", help="a few batches per run: checks the code path only")
     p.add_argument("--runs-dir", default="runs/reproduce", help="one run folder per network and seed here")

@@ -10,6 +10,8 @@ Torch-free on purpose: `lenet --help` imports this module.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ SCHEDULES = ("constant", "step", "cosine", "one-cycle", "lecun1998")
 AUGMENTS = ("none", "affine", "elastic")
 LOSSES = ("cross-entropy", "map")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+REPRODUCTIONS = ("lecun1998", "d2l", "improvements")  # `lenet reproduce NAME` (lenet/reproduce.py)
 
 # The paper trained on all 60,000 training images and reports the error after the last pass: no
 # validation split.
@@ -73,7 +76,7 @@ class TrainConfig:
     model: str = _option(
         "classic", f"a model name ({', '.join(MODELS)}) or module:Class of your own nn.Module"
     )
-    model_kwargs: dict = _option({}, "the model's constructor arguments", cli=False)
+    model_kwargs: dict = _option({}, "the model's constructor arguments as JSON, e.g. '{\"dropout\": 0.5}'")
     dataset: str = _option("mnist", "the dataset to train and test on", choices=DATASETS)
     data_dir: str | None = _option(None, "a folder holding the four IDX files (raw or .gz)")
     epochs: int | None = _option(None, f"passes over the training set {RECIPE}")
@@ -137,6 +140,8 @@ def command_line(cfg: TrainConfig, fields: list[str]) -> str:
         value = getattr(cfg, name)
         if isinstance(value, bool):
             parts += [flag(name)] if value else []
+        elif isinstance(value, dict):
+            parts += [f"{flag(name)} {shlex.quote(json.dumps(value))}"] if value else []
         elif value is not None:
             parts.append(f"{flag(name)} {value}")
     return " ".join(parts)

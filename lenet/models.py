@@ -16,57 +16,65 @@ from torch import nn
 
 from lenet.config import MODELS as MODEL_NAMES
 
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
-def classic() -> nn.Sequential:
-    """The tutorial LeNet exactly: sigmoids, average pooling, 61,706 parameters. Input (N, 1, 28, 28)."""
-    net = nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(1, 6, kernel_size=5, padding=2),  # (N, 6, 28, 28)
-            act1=nn.Sigmoid(),
-            pool1=nn.AvgPool2d(kernel_size=2, stride=2),  # (N, 6, 14, 14)
-            conv2=nn.Conv2d(6, 16, kernel_size=5),  # (N, 16, 10, 10)
-            act2=nn.Sigmoid(),
-            pool2=nn.AvgPool2d(kernel_size=2, stride=2),  # (N, 16, 5, 5)
-            flatten=nn.Flatten(),  # (N, 400)
-            fc1=nn.Linear(16 * 5 * 5, 120),
-            act3=nn.Sigmoid(),
-            fc2=nn.Linear(120, 84),
-            act4=nn.Sigmoid(),
-            fc3=nn.Linear(84, 10),
+
+def lenet(activation: str, pool: str, batch_norm: bool, dropout: float | None) -> nn.Sequential:
+    """The tutorial's skeleton (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, FC 400-120-84-10) with a choice
+    of each "modern improvement": the activation, the pooling, batch norm after every conv and hidden FC
+    layer (which then have no bias of their own), and dropout after the hidden FC layers (None: no dropout
+    layers at all; 0 keeps them, inactive)."""
+    if activation not in ACTIVATIONS or pool not in POOLS:
+        raise ValueError(
+            f"activation in {', '.join(ACTIVATIONS)} and pool in {', '.join(POOLS)}, got {activation}, {pool}"
         )
+    act, pooling = ACTIVATIONS[activation], POOLS[pool]
+    layers: list[tuple[str, nn.Module]] = []
+
+    def block(n: int, layer: nn.Module, norm: type[nn.Module], maps: int, after: list) -> None:
+        layers.append((f"{'conv' if n < 3 else 'fc'}{n if n < 3 else n - 2}", layer))
+        if batch_norm:
+            layers.append((f"bn{n}", norm(maps)))
+        layers.append((f"act{n}", act()))
+        layers.extend(after)
+
+    block(
+        1, nn.Conv2d(1, 6, 5, padding=2, bias=not batch_norm), nn.BatchNorm2d, 6, [("pool1", pooling(2, 2))]
     )
+    block(2, nn.Conv2d(6, 16, 5, bias=not batch_norm), nn.BatchNorm2d, 16, [("pool2", pooling(2, 2))])
+    layers.append(("flatten", nn.Flatten()))  # (N, 400)
+    drop = (lambda n: []) if dropout is None else (lambda n: [(f"drop{n}", nn.Dropout(dropout))])
+    block(3, nn.Linear(16 * 5 * 5, 120, bias=not batch_norm), nn.BatchNorm1d, 120, drop(3))
+    block(4, nn.Linear(120, 84, bias=not batch_norm), nn.BatchNorm1d, 84, drop(4))
+    layers.append(("fc3", nn.Linear(84, 10)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def classic(
+    activation: str = "sigmoid", pool: str = "avg", batch_norm: bool = False, dropout: float | None = None
+) -> nn.Sequential:
+    """The tutorial LeNet exactly: sigmoids, average pooling, 61,706 parameters. Input (N, 1, 28, 28).
+
+    The arguments swap in one modern improvement at a time (`lenet reproduce improvements`); the defaults
+    are the tutorial's network: conv1 (N, 6, 28, 28), pool1 (N, 6, 14, 14), conv2 (N, 16, 10, 10),
+    pool2 (N, 16, 5, 5), fc1 120, fc2 84, fc3 10."""
+    net = lenet(activation, pool, batch_norm, dropout)
     # Xavier init suits sigmoid units (PyTorch's default Kaiming-uniform leaves them slow to start).
     for layer in net:
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     return net
 
 
-def modern(dropout: float = 0.25) -> nn.Sequential:
-    """The classic skeleton (6 and 16 maps, 120-84-10) with batch norm, ReLU, max pooling and dropout."""
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(1, 6, kernel_size=5, padding=2, bias=False),  # (N, 6, 28, 28)
-            bn1=nn.BatchNorm2d(6),
-            act1=nn.ReLU(),
-            pool1=nn.MaxPool2d(kernel_size=2, stride=2),  # (N, 6, 14, 14)
-            conv2=nn.Conv2d(6, 16, kernel_size=5, bias=False),  # (N, 16, 10, 10)
-            bn2=nn.BatchNorm2d(16),
-            act2=nn.ReLU(),
-            pool2=nn.MaxPool2d(kernel_size=2, stride=2),  # (N, 16, 5, 5)
-            flatten=nn.Flatten(),  # (N, 400)
-            fc1=nn.Linear(16 * 5 * 5, 120, bias=False),
-            bn3=nn.BatchNorm1d(120),
-            act3=nn.ReLU(),
-            drop3=nn.Dropout(dropout),
-            fc2=nn.Linear(120, 84, bias=False),
-            bn4=nn.BatchNorm1d(84),
-            act4=nn.ReLU(),
-            drop4=nn.Dropout(dropout),
-            fc3=nn.Linear(84, 10),
-        )
-    )
+def modern(
+    dropout: float = 0.25, activation: str = "relu", pool: str = "max", batch_norm: bool = True
+) -> nn.Sequential:
+    """The classic skeleton (6 and 16 maps, 120-84-10) with batch norm, ReLU, max pooling and dropout, and
+    PyTorch's default initialisation. The arguments take one improvement away at a time."""
+    return lenet(activation, pool, batch_norm, dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -72,6 +72,24 @@ def curves(metrics_path: str | Path, out: str | Path) -> Path:
     return _save(figure, out)
 
 
+def accuracy_curves(panels: dict[str, dict[str, list[float]]], out: str | Path) -> Path:
+    """Side-by-side panels of test accuracy per epoch: {panel title: {line label: accuracies}}, as a PNG."""
+    figure = _figure(6 * len(panels), 4.5)
+    for axes, (title, lines) in zip(
+        figure.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True
+    ):
+        for label, values in lines.items():
+            axes.plot(range(1, len(values) + 1), values, "o-", markersize=3, label=label)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("test accuracy")
+        axes.set_ylim(0.97, 1.0)
+        axes.grid(alpha=0.3)
+        if lines:
+            axes.legend(fontsize=7, loc="lower right")
+    return _save(figure, out)
+
+
 def confusion(
     matrix: torch.Tensor | np.ndarray,
     classes: Sequence[str],

@@ -32,11 +32,11 @@ _onednn_setting = True  # the switch as it was before the first of them
 def _without_onednn() -> Iterator[None]:
     """oneDNN's convolutions switched off while the block runs.
 
-    For a handful of images oneDNN's set-up per call costs more than the work: 1 to 8 images run 1.1-1.9x
-    faster on PyTorch's own CPU convolutions (one image through modern: about 0.35 ms against 0.18 ms),
-    while from a few dozen on oneDNN wins. The switch is process-wide, so blocks in several threads share one
-    off-period and the setting found before the first is put back after the last; a large batch in another
-    thread meanwhile runs slower, its results the same to float rounding.
+    For a handful of images oneDNN's set-up per call costs more than the work: up to SMALL_BATCH images run
+    faster on PyTorch's own CPU convolutions, while from a few dozen on oneDNN wins (docs/speed.md). The
+    switch is process-wide, so blocks in several threads share one off-period and the setting found before
+    the first is put back after the last; a large batch in another thread meanwhile runs slower, its results
+    the same to float rounding.
     """
     global _onednn_off_for, _onednn_setting
     with _onednn_lock:
@@ -141,8 +141,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     module (a forward of the user's own) is returned as it is.
 
     In eval mode it computes the same function (to float rounding) with fewer layers per call, which is
-    what one image's latency is made of (modern: 19 layers become 11, about 40% less time), and in half the
-    time per image on large batches. Layer names are kept, so feature_maps reads the same activations.
+    what one image's latency is made of (modern: 19 layers become 11), and faster per image on large
+    batches too (docs/speed.md). Layer names are kept, so feature_maps reads the same activations.
     Other layers are shared with `model`.
     """
     if type(model) is not nn.Sequential:
@@ -169,9 +169,9 @@ class WindowMax(nn.Module):
     """nn.MaxPool2d(k) (stride k, no padding): the maximum of each k x k window, for large batches as
     elementwise maxima of the k^2 strided views of the input, the same numbers.
 
-    On the CPU max_pool2d also finds where each maximum lies, which makes modern's two pooling layers
-    two-thirds of its forward time on a large batch; the maxima take a sixteenth of theirs. Small batches
-    keep max_pool2d: one call there beats the 2 (k - 1) calls of the maxima.
+    On the CPU max_pool2d also finds where each maximum lies, which makes modern's two pooling layers most
+    of its forward time on a large batch; the maxima cost a small part of that (docs/speed.md). Small
+    batches keep max_pool2d: one call there beats the 2 (k - 1) calls of the maxima.
     """
 
     def __init__(self, k: int):

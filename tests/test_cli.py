@@ -41,7 +41,7 @@ def test_the_train_flags_are_the_config_fields():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     flags = {a.dest for a in train._actions if a.option_strings and a.dest != "help"}
     assert flags == {f.name for f in flag_fields()}
-    assert flags == set(TrainConfig.__dataclass_fields__) - {"model_kwargs"}
+    assert flags == set(TrainConfig.__dataclass_fields__)
 
 
 def test_one_list_of_models_and_datasets():

@@ -1,4 +1,5 @@
 import json
+import shlex
 
 import pytest
 
@@ -11,7 +12,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.split("## Runs")[0].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] not in ("network", "---"):
+        if line.startswith("| ") and cells[0] not in ("network", "change", "---"):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -75,6 +76,28 @@ def test_a_run_folder_from_another_configuration_is_not_reported(tmp_path, tiny_
     assert reproduce._finished_part(cfg)["epoch"] == 1
     cfg.lr *= 2
     assert reproduce._finished_part(cfg) is None
+
+
+def test_improvements_smoke_writes_every_row_its_figure_and_commands_that_parse(tmp_path, tiny_dataset):
+    runs = tmp_path / "runs"
+    out = reproduce.run(
+        "improvements", smoke=True, runs_dir=runs, device="cpu", log=print, dataset=tiny_dataset
+    )
+    assert out == tmp_path / "runs" / "improvements-smoke.md"
+    text = out.read_text()
+    rows = table_rows(text)
+    assert list(rows) == [row.label for row in reproduce.IMPROVEMENTS]
+    assert rows["classic, the tutorial's settings"][-1] == "fused" and rows["+ ReLU"][-1] == "plain"
+    assert all(cells[1] == "1" for cells in rows.values())  # one run each
+    assert (tmp_path / "runs" / "improvements-smoke.png").stat().st_size > 10_000
+    config = json.loads((tmp_path / "runs" / "relu-seed0" / "config.json").read_text())
+    assert config["model_kwargs"] == {"activation": "relu"} and (config["optimizer"], config["lr"]) == (
+        "adam",
+        1e-3,
+    )
+    command = next(line for line in text.splitlines() if "relu-seed0`" in line).split("`")[1]
+    args = cli.build_parser().parse_args(shlex.split(command)[1:])
+    assert args.model_kwargs == {"activation": "relu"} and args.batch_size == 256
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
