@@ -483,7 +483,7 @@ def _prepare(
 
 def _claim(cfg: TrainConfig, dist_info: Distributed, say) -> runfolder.RunFolder:
     """Rank 0 claims and locks the run folder; every rank learns its path."""
-    default = Path("runs") / cfg.model.replace(":", "-")
+    default = Path("runs") / cfg.model.split(":")[-1]  # runs/classic, or runs/LeNet for a class of your own
     folder = runfolder.claim(cfg.out, default, cfg.resume, cfg.overwrite, say) if dist_info.is_main else None
     path = _share(str(folder.path) if folder else None, dist_info)
     return folder if folder is not None else runfolder.RunFolder(Path(path), None)
