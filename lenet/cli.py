@@ -74,6 +74,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(report["text"])
         for path in report["plots"].values():
             print(f"wrote {path}")
+    if not report["plots"]:
+        from lenet.plots import MISSING
+
+        print(f"lenet: {MISSING}", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,8 @@ import torch
 from lenet import atomic
 from lenet.errors import LenetError, optional
 
+MISSING = "plots skipped: they need matplotlib: pip install 'lenet[plot]'"
+
 
 def available() -> bool:
     """Whether matplotlib can be imported (plots are skipped, or refused with a hint, without it)."""

@@ -582,7 +582,10 @@ def _finish(ctx: _Context) -> None:
     """curves.png and confusion.png of the final model, where matplotlib is installed."""
     from lenet import plots
 
-    if not (ctx.dist_info.is_main and plots.available() and ctx.history):
+    if not (ctx.dist_info.is_main and ctx.history):
+        return
+    if not plots.available():
+        ctx.say(plots.MISSING)
         return
     confusion = ctx.confusion
     if confusion is None:  # resumed after the last epoch: no epoch ran here

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,3 +112,77 @@ def test_data_train_evaluate_bench_end_to_end(tmp_path, mnist_cache):
     assert bench["images_per_s"] > 0 and bench["baseline_images_per_s"] > 0
     if fastcpu.load_extension() is not None:  # lenet5-1998's fused SDLM training beside the plain loop
         assert bench["lenet5_sdlm_batch1_images_per_s"] > 0 and bench["lenet5_sdlm_batch16_speedup"] > 0
+
+
+BLOCK_EXTRAS = """
+import importlib.abc, importlib.machinery, sys
+EXTRAS = {"matplotlib", "fastapi", "uvicorn", "starlette", "multipart", "python_multipart", "orjson", "onnx",
+          "onnxruntime", "onnxscript", "httptools", "uvloop"}
+
+class Missing(importlib.abc.Loader):  # what importing a package that is not installed does
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRAS:
+            return importlib.machinery.ModuleSpec(name, Missing())
+
+sys.meta_path.insert(0, Blocked())
+from lenet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.real_data
+def test_without_the_extras_every_command_works_or_names_the_extra_in_one_line(tmp_path, mnist_cache):
+    env = {**os.environ, "LENET_DATA_DIR": str(mnist_cache), "LENET_OFFLINE": "1"}
+
+    def bare(*args):
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_EXTRAS, *args], capture_output=True, text=True, env=env
+        )
+
+    run, digit = tmp_path / "run", "tests/digits/7_198_drawn-medium-photo-light.jpg"
+    trained = bare(
+        "train", "--epochs", "1", "--max-steps-per-epoch", "5", "--out", str(run), "--device", "cpu"
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "plots skipped: they need matplotlib: pip install 'lenet[plot]'" in trained.stderr
+    checkpoint = str(run / "best.safetensors")
+    (tmp_path / "m.onnx").write_bytes(b"not read: the import fails first")
+    works = [("summary",), ("evaluate", checkpoint), ("predict", checkpoint, digit)]
+    for args in works:
+        done = bare(*args)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stderr)
+    needs = {
+        ("explain", checkpoint, digit, "-o", str(tmp_path / "x.png")): "plot",
+        ("export", checkpoint, "--format", "onnx"): "onnx",
+        ("predict", str(tmp_path / "m.onnx"), digit): "onnx",
+        ("serve", checkpoint): "serve",
+        ("bench", "serve", "--quick"): "serve",
+    }
+    for args, extra in needs.items():
+        done = bare(*args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert done.stderr.startswith("lenet: error: ") and f"pip install 'lenet[{extra}]'" in done.stderr, (
+            args
+        )
+
+
+@pytest.mark.parametrize(
+    "args", [("summary",), ("evaluate", "CHECKPOINT"), ("predict", "CHECKPOINT", "tests/digits", "--json")]
+)
+def test_a_reader_that_goes_away_stops_the_command_quietly(args, classic_checkpoint, mnist_cache):
+    env = {**os.environ, "LENET_DATA_DIR": str(mnist_cache), "LENET_OFFLINE": "1"}
+    argv = [str(classic_checkpoint) if a == "CHECKPOINT" else a for a in args]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lenet", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    process.stdout.close()  # `lenet ... | true`: the reader is gone before the first line is written
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 128 + signal.SIGPIPE  # what the shell reports for `yes | true`
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
