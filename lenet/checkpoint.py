@@ -44,7 +44,12 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"optimizer.{index}.{key}"] = value
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    # a learning rate held in a device tensor (for a CUDA graph) is stored as the number it holds
+    groups = [
+        {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+        for g in state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:

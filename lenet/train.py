@@ -29,7 +29,7 @@ from lenet.device import resolve_device
 from lenet.errors import LenetError
 from lenet.evaluate import evaluate
 from lenet.models import INPUT_NORMALIZATION, build, count_parameters
-from lenet.progress import Progress
+from lenet.progress import READ_EVERY, Progress, Watch
 from lenet.steps import make_step
 
 __all__ = ["RECIPES", "Run", "TrainConfig", "fit", "learning_rate", "make_optimizer"]
@@ -101,10 +101,12 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    # on CUDA one fused kernel updates every parameter (and can be captured in a CUDA graph)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     if cfg.weight_decay:
         raise LenetError("--weight-decay: the sdlm optimizer has none; use 0")
     return sdlm.SDLM(model.parameters(), lr=cfg.lr, samples_per_step=cfg.batch_size)
@@ -285,7 +287,7 @@ def _train_epoch(step, train: data.Dataset, schedule: Callable[[int], float], fi
     device = train.train_images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen, done, lr = 0, 0, schedule(first)
+    seen, done, lr, watch = 0, 0, schedule(first), Watch(device)
     batches = data.batches(
         train.train_images, train.train_labels, step.load_size, shuffle=True, generator=rng.data,
         rank=dist_info.rank, world_size=dist_info.world_size, drop_last=step.drop_last,
@@ -302,10 +304,12 @@ def _train_epoch(step, train: data.Dataset, schedule: Callable[[int], float], fi
         loss_sum += batch_loss
         correct += batch_correct
         seen += used
-        bar.update(done + taken, range(done, done + taken), loss_sum, correct, seen)
-        if any(s % 50 == 0 for s in range(done, done + taken)) and not math.isfinite(batch_loss.item()):
-            break  # the epoch's loss is then not finite either, and that stops training in fit
         done += taken
+        if done == steps or any(s % READ_EVERY == 0 for s in range(done - taken, done)):
+            watch.poll(loss_sum, correct, seen)
+            bar.update(done, watch)
+            if watch.loss_sum is not None and not math.isfinite(watch.loss_sum):
+                break  # the epoch's loss is not finite either, and that stops training in fit
     return {"loss_sum": loss_sum.item(), "correct": float(correct.item()), "seen": float(seen), "lr": lr}
 
 
