@@ -360,6 +360,19 @@ def configs(
     return result
 
 
+def write_report(name: str, plan: list, meta: dict, out: Path) -> dict[str, list[dict]]:
+    """The report of what the plan's run folders hold now; returns the results it shows."""
+    results = {}
+    for row, cfgs in plan:
+        parts = [(cfg, _finished_part(cfg)) for cfg in cfgs]
+        results[row.key] = [
+            {**part, "seed": cfg.seed, "command": train_command(cfg, row)} for cfg, part in parts if part
+        ]
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    atomic.write_bytes(out, report(name, results, {**meta, "date": date, "machine": machine()}).encode())
+    return results
+
+
 def run(
     name: str,
     seeds: int = 1,
@@ -398,33 +411,16 @@ def run(
     plan = configs(
         name, seeds, smoke, runs_dir, device=device, data_dir=data_dir, resume=resume, overwrite=not resume
     )
-    command = f"lenet reproduce {name} --seeds {seeds}" + (" --smoke" if smoke else "")
-
-    def write_report() -> dict[str, list[dict]]:
-        results = {}
-        for row, cfgs in plan:
-            parts = [(cfg, _finished_part(cfg)) for cfg in cfgs]
-            results[row.key] = [
-                {**part, "seed": cfg.seed, "command": train_command(cfg, row)} for cfg, part in parts if part
-            ]
-        meta = {
-            "command": command,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
-            "seeds": list(range(seeds)),
-            "smoke": smoke,
-        }
-        atomic.write_bytes(out, report(name, results, meta).encode())
-        return results
-
+    meta = {"command": f"lenet reproduce {name} --seeds {seeds}" + (" --smoke" if smoke else ""),
+            "seeds": list(range(seeds)), "smoke": smoke}  # fmt: skip
     for row, cfgs in plan:
         if only is not None and row.key not in only:
             continue
         for cfg in cfgs:
             log(f"{row.label}, seed {cfg.seed}: {train_command(cfg, row)}")
             fit(cfg, log=log, dataset=dataset)
-            write_report()
-    results = write_report()
+            write_report(name, plan, meta, out)
+    results = write_report(name, plan, meta, out)
     if name == "improvements":
         _improvement_curves(results, out.with_suffix(".png"))
     log(f"report written to {out}")

@@ -100,6 +100,13 @@ def test_a_config_takes_its_models_recipe_and_explicit_values_win():
     assert lenet.TrainConfig(model="modern", augment="none", lr=1e-3).augment == "none"
     assert lenet.TrainConfig(model="lenet5-1998").loss == "map"
     assert lenet.TrainConfig(model="mine:Net").optimizer == lenet.RECIPES["classic"]["optimizer"]
+    on_gpu = lenet.TrainConfig(model="modern", device="cuda")  # larger batches keep a GPU busy
+    assert (on_gpu.batch_size, on_gpu.augment) == (
+        lenet.config.CUDA_RECIPES["modern"]["batch_size"],
+        "affine",
+    )
+    assert lenet.TrainConfig(model="modern", device="cuda", batch_size=64).batch_size == 64
+    assert lenet.TrainConfig(model="modern", device="cpu").batch_size == lenet.RECIPES["modern"]["batch_size"]
     with pytest.raises(LenetError, match="--optimizer: unknown 'adagrad', expected one of sgd, adam"):
         lenet.TrainConfig(optimizer="adagrad")
     with pytest.raises(LenetError, match="--model: unknown 'lenet9'"):
