@@ -179,19 +179,10 @@ def _atoms(
 ) -> list[_Atom]:
     """The pieces as atoms, left to right: each whole, or where it is wide enough to hold touching digits,
     its parts between the cheapest cuts from top to bottom (those that cross the least of its ink)."""
-    masks = [
-        labels[y0:y1, x0:x1] == p + 1
-        for p, (x0, y0, x1, y1) in zip(pieces, boxes[pieces].tolist(), strict=True)
-    ]
+    regions = [(slice(y0, y1), slice(x0, x1)) for x0, y0, x1, y1 in boxes[pieces].tolist()]
+    masks = [labels[region] == p + 1 for p, region in zip(pieces, regions, strict=True)]
     wide = [k for k, mask in enumerate(masks) if mask.shape[1] >= CUTTABLE * height]
-    costs = [
-        np.where(
-            masks[k],
-            ink[boxes[pieces[k], 1] : boxes[pieces[k], 3], boxes[pieces[k], 0] : boxes[pieces[k], 2]],
-            0,
-        )
-        for k in wide
-    ]
+    costs = [np.where(masks[k], ink[regions[k]], 0) for k in wide]
     cuts = dict(zip(wide, _cuts(costs, height, stroke), strict=True))
     atoms = []
     for k, mask in enumerate(masks):
@@ -199,9 +190,7 @@ def _atoms(
         h, w = mask.shape
         columns, after, cut = np.arange(w), np.full(h, -1), (0.0, 0)
         for _, hi, strokes, crossings in [*cuts.get(k, []), (None, np.full(h, w), 0.0, 0)]:
-            part = (
-                mask & (columns > after[:, None]) & (columns <= hi[:, None])
-            )  # up to the cut, itself included
+            part = mask & (columns > after[:, None]) & (columns <= hi[:, None])  # the cut's own pixels too
             ys, xs = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
             if ys.size:
                 crop = part[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
@@ -245,9 +234,7 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
         h, w = c.shape
         ys, xs = np.nonzero(candidate[:h, x : x + w])
         order = np.argsort(through[ys, xs + x], kind="stable")
-        inside = (left_of[:h] - left_of[:h, x : x + 1]) / max(
-            float(c.sum()), 1e-9
-        )  # share of the piece's ink
+        inside = (left_of[:h] - left_of[:h, x : x + 1]) / max(float(c.sum()), 1e-9)  # of the piece's ink
         cuts = _choose(came_down, came_up, strip > 0.5, inside, ys[order], xs[order] + x, through, x, w,
                        height / step, stroke / step)  # fmt: skip
         h, w = full.shape  # back to the piece's own pixels
