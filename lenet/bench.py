@@ -9,8 +9,8 @@ training `classic` at batch 256 on real MNIST, plus our evaluation throughput.
 `classic` and `modern`, on the same number of threads.
 
 `predict`: one user image in process (PNG bytes -> preprocess -> predict, p50 and p99) against the
-tutorials' decode-resize-forward, and a folder of 10,000 PNGs through `lenet predict`'s path against the
-same work one file at a time.
+tutorials' decode-resize-forward, a folder of 10,000 PNGs through `lenet predict`'s path against the
+same work one file at a time, and a 4-digit number read in process (`lenet read`'s path, p50 and p99).
 
 `serve`: requests per second and latency of `lenet serve` (one process, then one per CPU) under 32
 concurrent clients (another process) POSTing real MNIST test PNGs, against GET /healthz on one process.
@@ -266,9 +266,10 @@ def bench_predict(
     tutorials' path (decode, resize the whole image to 28x28, scale, forward). Folder: predict_files on
     `images` PNG files (decoding and preprocessing in worker processes, their start included; forward passes
     of imagefiles.CHUNK images), beside preprocess + predict one file at a time (timed on `baseline_images`);
-    the best of `rounds` alternating rounds. `modern` with fresh weights (speed does not depend on them); ours
-    folds its batch norms, as predict.load does, the tutorials' path runs it as built. One torch thread for
-    both, as `lenet predict` and `lenet serve` run.
+    the best of `rounds` alternating rounds. Reading: PNG bytes of 4 test digits side by side (a scan of a
+    written number) -> read.read_number, timed in the same alternation as the single images. `modern` with
+    fresh weights (speed does not depend on them); ours folds its batch norms, as predict.load does, the
+    tutorials' path runs it as built. One torch thread for all, as `lenet predict` and `lenet serve` run.
     """
     import io
     import itertools
@@ -281,6 +282,7 @@ def bench_predict(
     from lenet.models import build
     from lenet.predict import classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
+    from lenet.read import read_number
 
     dataset = data.load("mnist")
     torch.set_num_threads(1)
@@ -303,12 +305,18 @@ def bench_predict(
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).sub_(mean).div_(std)
         torch.softmax(built(x.view(1, 1, 28, 28)), 1)
 
-    latency: dict[str, list[float]] = {"naive": [], "ours": []}
-    for _ in range(2):  # alternate, so a noisy moment hurts both alike
-        for name, call in (("naive", naive), ("ours", ours)):
-            for blob in blobs[:20]:
+    classify = classifier(model, mean, std)
+    numbers = _number_pngs(dataset.test_images.numpy(), 200)
+
+    def read(blob: bytes) -> None:
+        read_number(blob, classify)
+
+    latency: dict[str, list[float]] = {"naive": [], "ours": [], "read": []}
+    for _ in range(2):  # alternate, so a noisy moment hurts each alike
+        for name, call, inputs in (("naive", naive, blobs), ("ours", ours, blobs), ("read", read, numbers)):
+            for blob in inputs[:20]:
                 call(blob)
-            for blob in itertools.islice(itertools.cycle(blobs), calls // 2):
+            for blob in itertools.islice(itertools.cycle(inputs), calls // 2):
                 started = time.perf_counter()
                 call(blob)
                 latency[name].append(time.perf_counter() - started)
@@ -343,11 +351,32 @@ def bench_predict(
         "p99_ms": ms("ours", 99),
         "baseline_p50_ms": ms("naive", 50),
         "baseline_p99_ms": ms("naive", 99),
+        "read_4_digits_p50_ms": ms("read", 50),
+        "read_4_digits_p99_ms": ms("read", 99),
         "folder_images_per_s": round(best["pool"], 1),
         "folder_in_process_images_per_s": round(best["in_process"], 1),
         "baseline_folder_images_per_s": round(best["baseline"], 1),
         "folder_speedup": round(best["pool"] / best["baseline"], 2),
     }
+
+
+def _number_pngs(images: np.ndarray, count: int, digits: int = 4) -> list[bytes]:
+    """`count` PNG scans of `digits` MNIST digits (N, 28, 28) written side by side, dark on white, each
+    digit's columns of ink kept and 6 pixels between digits: numbers as a person writes them."""
+    import io
+
+    from PIL import Image
+
+    pngs = []
+    for k in range(count):
+        written = []
+        for digit in images[k * digits : (k + 1) * digits]:
+            columns = np.flatnonzero(digit.max(0) > 25)
+            written += [digit[:, columns[0] : columns[-1] + 1], np.zeros((28, 6), np.uint8)]
+        buffer = io.BytesIO()
+        Image.fromarray(255 - np.pad(np.concatenate(written[:-1], axis=1), 8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
 
 
 async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:

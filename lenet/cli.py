@@ -131,6 +131,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_read(args: argparse.Namespace) -> int:
+    from lenet.imagefiles import expand_paths, load_classifier
+    from lenet.read import read_number
+
+    paths = expand_paths(args.paths)
+    if paths.count("-") > 1:
+        raise LenetError("-: stdin holds one image; name it once")
+    classify, classes = load_classifier(
+        args.checkpoint, backend_of(args.checkpoint, args.backend), args.device
+    )
+    stdin = sys.stdin.buffer.read() if "-" in paths else None
+    failed = 0
+    for path in paths:
+        name = "<stdin>" if path == "-" else path
+        try:
+            result = read_number(stdin if path == "-" else path, classify, args.invert, name, classes)
+        except LenetError as e:
+            failed += 1
+            if args.json:
+                print(json.dumps({"path": path, "number": None, "digits": None, "error": str(e)}))
+            else:
+                print(f"lenet: error: {e}", file=sys.stderr)
+            continue
+        if args.json:
+            keys = ("digit", "probability", "probabilities", "box")
+            digits = [{key: digit[key] for key in keys} for digit in result["digits"]]
+            size = {"width": result["width"], "height": result["height"]}
+            print(
+                json.dumps(
+                    {"path": path, "number": result["number"], "digits": digits, **size, "error": None}
+                )
+            )
+        else:
+            print(f"{path}: {result['number']}")
+    return 1 if failed else 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from lenet import plots
     from lenet.predict import feature_maps, first_filters, load, predict
@@ -288,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("read", help="the number written in each image (one line of digits, any count)")
+    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (read with onnxruntime)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders, globs; - reads stdin")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per image: digits, probabilities, boxes"
+    )
+    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                   help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("explain", help="one figure: input, feature maps, filters and probabilities")
     p.add_argument("checkpoint")

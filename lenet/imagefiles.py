@@ -124,6 +124,27 @@ def _forward(classify: Callable[[np.ndarray], np.ndarray], finished: list) -> It
             yield {"path": path, "error": error}
 
 
+def load_classifier(
+    model_path: str, backend: str, device: str = "cpu"
+) -> tuple[Callable[[np.ndarray], np.ndarray], Sequence[str]]:
+    """classify (uint8 images (N, 28, 28) -> numpy probabilities (N, classes)) and the class names, for a
+    checkpoint (backend "torch", on `device`) or an .onnx export ("onnxruntime": no torch imported)."""
+    if backend == "onnxruntime":
+        from lenet.export import OnnxModel
+
+        onnx_model = OnnxModel(model_path)
+        return onnx_model.predict, onnx_model.classes
+    import torch
+
+    from lenet.predict import classifier, load
+
+    # One thread: small batches are faster without hand-offs, and preprocessing workers take the other CPUs.
+    torch.set_num_threads(1)
+    model, meta = load(model_path, device)
+    norm = meta["normalization"]
+    return classifier(model, norm["mean"], norm["std"]), meta["classes"]
+
+
 def top_k(probabilities: Sequence[float], k: int, classes: Sequence[str]) -> list[tuple[str, float]]:
     order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:k]
     return [(classes[i], probabilities[i]) for i in order]

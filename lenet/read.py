@@ -1,0 +1,427 @@
+"""Reading a handwritten number (one line of digits, any count): segmentation by recognition.
+
+LeNet was built to read the amounts on cheques, where the strokes of one digit come apart (a 5's top, a
+7's bar), neighbours touch, and stray marks share the line. As LeCun's group did, the ink is cut into
+more pieces than there are digits, the network scores the candidate digits that runs of neighbouring
+pieces make, and the reading is the left-to-right split into digits that scores best:
+
+1. the ink, found as `preprocess` finds it, split into its connected pieces (8-neighbours);
+2. specks (a stray dot) and lines (an underline, a stroke across) left out, judged by the line's height;
+3. pieces wide enough to hold touching digits cut along the paths from top to bottom that cross the
+   least ink (where neighbours touch), a few candidates each;
+4. each run of up to MAX_ATOMS neighbouring pieces and parts (atoms) no wider than a digit prepared the
+   MNIST way (`fit_ink`: cropped, fitted into 20x20, centred by mass, exactly as for one digit) and
+   classified, in one batch;
+5. the split chosen by dynamic programming: the one whose digits' scores add up to the most. A candidate
+   digit's score is WEIGHTS . its features: the network's confidence, its shape for the line (a digit is
+   about as tall as the line and not much wider than the others), and the cuts on its sides.
+
+Lengths are in line heights (the median height of the tallest pieces). WEIGHTS were fitted as a
+structured perceptron (Collins 2002: the split the scores choose, corrected towards the right one), the
+way LeCun et al. trained their segmentation graphs discriminatively, and the thresholds chosen, on numbers
+built from the last 5,000 MNIST training digits (tests/handwritten_numbers.py), never the test set.
+Torch-free: `classify` is any function from uint8 images (N, 28, 28) to probabilities (N, classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from lenet.errors import LenetError
+from lenet.preprocess import Ink, Source, components, find_ink, fit_ink, source_name, stroke_width
+
+DIGITS = tuple("0123456789")
+# MNIST digits' median width over height, digit by digit
+ASPECTS = (0.9, 0.4, 0.9, 0.8, 0.8, 0.95, 0.7, 0.75, 0.75, 0.65)
+MAX_PIECES = 64  # separate marks (specks and lines left out) beyond which a picture is not one number
+MAX_ATOMS = 4  # atoms that one digit may be made of
+MAX_WIDTH = 1.4  # the widest candidate digit of more than one atom
+MAX_GAP = 0.6  # the widest gaps between the atoms of one candidate digit, all told
+SPECK = 0.2  # a piece less than this tall and wide is a speck
+LINE = (1.5, 0.25)  # a piece at least [0] wide and at most [1] tall is a line, not a digit
+CUTTABLE = 0.7  # pieces at least this wide may hold touching digits
+MAX_CUT = 3.0  # stroke widths of ink that a cut may cross
+MIN_PART = 0.15  # the narrowest part a cut may leave
+MIN_SIDE = 0.1  # of the piece's ink, the least a cut may leave on either side
+CUT_SPACING = 0.3  # at most one cut per this much of a piece's width
+STRAIGHT = 0.02  # ink a cut pays per column it moves sideways
+CUT_ROWS = 64  # cuts are searched for at about this many rows per line height
+WALL = 1e6  # the cost of the columns between pieces laid side by side for the search
+SKIPPABLE = 0.5  # atoms shorter than this may be left out of the reading, scoring SKIP
+SKIP = -0.168
+WEIGHTS = np.array([
+    -2.890,  # 1 (a constant)
+    -0.573,  # width / the usual piece width
+    -0.748,  # the same, squared
+    -2.411,  # (width / height - the predicted digit's usual) squared
+    1.000,  # log p (the network's top probability)
+    0.945,  # log p / p2 (over the second)
+    -0.371,  # width
+    -1.521,  # width squared
+    2.501,  # height
+    -1.855,  # 0.6 - height where shorter
+    -0.141,  # gaps between its atoms
+    -1.992,  # ink crossed by the cut on its left (stroke widths)
+    0.848,  # strokes beyond one that cut crosses
+    -1.992,  # ink crossed by the cut on its right
+    0.848,  # strokes beyond one that cut crosses
+    2.890,  # atoms beyond one
+    1.515,  # cuts inside it, joined again
+])  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Atom:
+    """A piece of ink, or a part of one between cuts: its pixels `mask` (h, w) with top-left (y0, x0), and
+    the cut on its left (where it does not begin a piece): the ink it crosses in stroke widths, and in how
+    many separate strokes."""
+
+    y0: int
+    x0: int
+    mask: np.ndarray
+    cut: float = 0.0
+    crossings: int = 0
+
+    @property
+    def y1(self) -> int:
+        return self.y0 + self.mask.shape[0]
+
+    @property
+    def x1(self) -> int:
+        return self.x0 + self.mask.shape[1]
+
+
+def read_number(
+    source: Source,
+    classify: Callable[[np.ndarray], np.ndarray],
+    invert: str = "auto",
+    name: str | None = None,
+    classes: Sequence[str] = DIGITS,
+) -> dict:
+    """Read one line of handwritten digits.
+
+    source: what `preprocess` takes (a path, encoded bytes, a PIL image, a 2-D array); invert and name as
+    there. classify: uint8 images (N, 28, 28) -> probabilities (N, len(classes)) as numpy, e.g.
+    `predict.classifier(...)` or `export.OnnxModel.predict`.
+    Returns {"number": "4096", "digits": [{"digit", "index", "probability", "probabilities" (floats),
+    "box" [x0, y0, x1, y1] in the source's pixels (x1, y1 exclusive), "input" uint8 (28, 28)}, ...] left to
+    right, "width", "height"} (the source's size). Raises LenetError in one line for an image that cannot
+    be read, holds no digits, or holds more separate marks than a number (MAX_PIECES).
+    """
+    label = name if name is not None else source_name(source)
+    found = find_ink(source, invert, label, one_digit=False)
+    ink = found.soft()  # (H, W) in 0..1
+    labels, _, boxes = components(ink > 0.5)
+    pieces, height = _marks(boxes, label)
+    atoms = _atoms(labels, ink, pieces, boxes, height, max(stroke_width(labels > 0), 1.0))
+    spans = _spans(atoms, height)
+    fields = np.stack([fit_ink(_ink_of(atoms[i:j], ink, labels)) for i, j, _ in spans])  # (N, 28, 28)
+    probabilities = np.asarray(classify(fields), dtype=np.float64)
+    if probabilities.shape != (len(spans), len(classes)):
+        raise ValueError(
+            f"classify gave {probabilities.shape} for {len(spans)} images, {len(classes)} classes"
+        )
+    usual = float(np.median(boxes[pieces, 2] - boxes[pieces, 0])) / height  # a piece's width
+    features = np.stack(
+        [
+            _features(shape, atoms, i, j, p, usual)
+            for (i, j, shape), p in zip(spans, probabilities, strict=True)
+        ]
+    )
+    chosen = _best_split(atoms, spans, features @ WEIGHTS, height)
+    if not chosen:
+        raise LenetError(f"{label}: no digits found (only specks and stray marks)")
+    digits = [
+        _digit(atoms[spans[k][0] : spans[k][1]], fields[k], probabilities[k], classes, found) for k in chosen
+    ]
+    return {"number": "".join(d["digit"] for d in digits), "digits": digits, "width": found.size[0],
+            "height": found.size[1]}  # fmt: skip
+
+
+def _digit(
+    atoms: list[_Atom], field: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], found: Ink
+) -> dict:
+    """One digit of the reading, its box in the source's pixels."""
+    best = int(probabilities.argmax())
+    sx, sy = found.scale()
+    x0, y0 = min(a.x0 for a in atoms), min(a.y0 for a in atoms)
+    x1, y1 = max(a.x1 for a in atoms), max(a.y1 for a in atoms)
+    box = [math.floor(x0 * sx), math.floor(y0 * sy), min(math.ceil(x1 * sx), found.size[0]),
+           min(math.ceil(y1 * sy), found.size[1])]  # fmt: skip
+    return {"digit": classes[best], "index": best, "probability": float(probabilities[best]),
+            "probabilities": probabilities.tolist(), "box": box, "input": field}  # fmt: skip
+
+
+def _marks(boxes: np.ndarray, label: str) -> tuple[list[int], float]:
+    """The pieces that may be (parts of) digits, specks and lines left out, and the line's height."""
+    if len(boxes) == 0:
+        raise LenetError(f"{label}: no digits found")
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    height = float(np.median(heights[heights >= 0.5 * heights.max()]))
+    speck = np.maximum(widths, heights) < SPECK * height
+    line = (widths >= LINE[0] * height) & (heights <= LINE[1] * height)
+    pieces = np.flatnonzero(~speck & ~line)
+    if len(pieces) == 0:
+        raise LenetError(f"{label}: no digits found (only specks and stray lines)")
+    if len(pieces) > MAX_PIECES:
+        raise LenetError(
+            f"{label}: {len(pieces)} separate marks, more than {MAX_PIECES}: expected one line of digits"
+        )
+    return pieces.tolist(), height
+
+
+def _atoms(
+    labels: np.ndarray, ink: np.ndarray, pieces: list[int], boxes: np.ndarray, height: float, stroke: float
+) -> list[_Atom]:
+    """The pieces as atoms, left to right: each whole, or where it is wide enough to hold touching digits,
+    its parts between the cheapest cuts from top to bottom (those that cross the least of its ink)."""
+    regions = [(slice(y0, y1), slice(x0, x1)) for x0, y0, x1, y1 in boxes[pieces].tolist()]
+    masks = [labels[region] == p + 1 for p, region in zip(pieces, regions, strict=True)]
+    wide = [k for k, mask in enumerate(masks) if mask.shape[1] >= CUTTABLE * height]
+    costs = [np.where(masks[k], ink[regions[k]], 0) for k in wide]
+    cuts = dict(zip(wide, _cuts(costs, height, stroke), strict=True))
+    atoms = []
+    for k, mask in enumerate(masks):
+        x0, y0 = boxes[pieces[k], :2].tolist()
+        h, w = mask.shape
+        columns, after, cut = np.arange(w), np.full(h, -1), (0.0, 0)
+        for _, hi, strokes, crossings in [*cuts.get(k, []), (None, np.full(h, w), 0.0, 0)]:
+            part = mask & (columns > after[:, None]) & (columns <= hi[:, None])  # the cut's own pixels too
+            ys, xs = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
+            if ys.size:
+                crop = part[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+                atoms.append(_Atom(y0 + int(ys[0]), x0 + int(xs[0]), crop, *cut))
+            after, cut = hi, (strokes, crossings)
+    return sorted(atoms, key=lambda atom: atom.x0 + atom.x1)
+
+
+def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tuple]]:
+    """Cuts through pieces' ink (h, w) each: paths from the top row to the bottom that step down a row or
+    sideways a column at a time, paying for the ink they cross. For each piece, those that cross at most
+    MAX_CUT stroke widths, at most one per CUT_SPACING of its width, each at least MIN_PART from the others
+    and the sides and leaving MIN_SIDE of the ink on either side: [(the columns the cut covers in each row,
+    from (h,) to (h,) inclusive, the ink it crosses in stroke widths, the strokes it crosses)], left to
+    right.
+
+    Candidates are the cheapest cuts through each pixel of ink that is cheaper to cut through than its
+    neighbours in its row, the cheapest first: the cheapest cut from top to bottom alone would cross a
+    thin stroke of one digit, not the place where two digits touch, if that is a little thicker. The
+    search runs at about CUT_ROWS rows per line height (block means), all pieces side by side between
+    walls, so that it costs a few operations per row for the whole number.
+    """
+    if not costs:
+        return []
+    step = max(1, round(height / CUT_ROWS))
+    small = [_reduced(cost, step) for cost in costs]
+    starts = np.cumsum([1] + [c.shape[1] + 1 for c in small])  # pieces' first columns (a wall before each)
+    strip = np.zeros((max(c.shape[0] for c in small), int(starts[-1])))
+    strip[:, starts - 1] = WALL
+    for c, x in zip(small, starts[:-1], strict=True):
+        strip[: c.shape[0], x : x + c.shape[1]] = c
+    totals, came = _cheapest(np.stack([strip, strip[::-1]]))
+    down, up, came_down, came_up = totals[0], totals[1, ::-1], came[0], came[1, ::-1]
+    through = down + up - strip  # the cheapest cut through each pixel
+    padded = np.pad(through, ((0, 0), (1, 1)), constant_values=np.inf)
+    candidate = (strip > 0.5) & (strip < WALL) & (through <= padded[:, :-2]) & (through <= padded[:, 2:])
+    candidate &= through <= MAX_CUT * stroke / step
+    left_of = np.pad(np.cumsum(strip, axis=1), ((0, 0), (1, 0)))  # (h, W + 1): cost left of each column
+    found = []
+    for c, x, full in zip(small, starts[:-1], costs, strict=True):
+        h, w = c.shape
+        ys, xs = np.nonzero(candidate[:h, x : x + w])
+        order = np.argsort(through[ys, xs + x], kind="stable")
+        inside = (left_of[:h] - left_of[:h, x : x + 1]) / max(float(c.sum()), 1e-9)  # of the piece's ink
+        cuts = _choose(came_down, came_up, strip > 0.5, inside, ys[order], xs[order] + x, through, x, w,
+                       height / step, stroke / step)  # fmt: skip
+        h, w = full.shape  # back to the piece's own pixels
+        found.append([(np.repeat(lo - x, step)[:h] * step,
+                       np.minimum(np.repeat(hi - x, step)[:h] * step + step - 1, w - 1), strokes, crossings)
+                      for lo, hi, strokes, crossings in cuts])  # fmt: skip
+    return found
+
+
+def _reduced(cost: np.ndarray, step: int) -> np.ndarray:
+    """The means of step x step blocks of cost (h, w), the last ones padded with zeros."""
+    h, w = cost.shape
+    padded = np.pad(cost, ((0, -h % step), (0, -w % step)))
+    return padded.reshape(-(-h // step), step, -(-w // step), step).mean((1, 3))
+
+
+def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, stroke) -> list[tuple]:
+    """Cuts through the candidate pixels (ys, xs), cheapest first, of the piece at columns x0..x0 + w of the
+    strip (inside: the share of its ink left of each column, row by row): those far enough from the sides
+    and each other, leaving MIN_SIDE of its ink on either side and not crossing, at most one per
+    CUT_SPACING of its width."""
+    part, room = MIN_PART * height, max(1, int(w / (CUT_SPACING * height)) - 1)
+    cuts: list[tuple] = []
+    seen: list[tuple[np.ndarray, np.ndarray]] = []  # cuts traced, taken or not: others near them are alike
+    for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+        if len(cuts) >= room:
+            break
+        if any(lo[y] - part < x < hi[y] + part for lo, hi in seen):
+            continue
+        lo, hi, crossings = _trace(came_down, came_up, ink, y, x)
+        seen.append((lo, hi))
+        centre = (lo + hi).mean() / 2 - x0
+        rows = len(inside)  # the piece's (the strip's further rows are paper below shorter pieces)
+        left = float(inside[np.arange(rows), np.clip(lo[:rows], x0, x0 + w)].sum())
+        near = any(abs(centre + x0 - (a + b).mean() / 2) < part for a, b, _, _ in cuts)
+        apart = all((hi < a).all() or (b < lo).all() for a, b, _, _ in cuts)  # cuts do not cross
+        if part <= centre <= w - part and MIN_SIDE <= left <= 1 - MIN_SIDE and not near and apart:
+            cuts.append((lo, hi, float(through[y, x]) / stroke, crossings))
+    return sorted(cuts, key=lambda cut: cut[0].mean())
+
+
+def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest paths from the top row of each cost (n, h, w) to each pixel, stepping down a row or
+    sideways a column at a time, paying the cost of each pixel entered and STRAIGHT per sideways step (of
+    two equally cheap cuts, the straighter): their totals (n, h, w), and the column at which each entered
+    its last row."""
+    n, h, w = cost.shape
+    totals, came = np.empty((n, h, w)), np.empty((n, h, w), dtype=np.int64)
+    above, index = np.zeros((n, w)), np.arange(w)
+    for y in range(h):
+        entered = above + cost[:, y]  # stepping down into each column
+        step = cost[:, y] + STRAIGHT
+        rightwards = np.cumsum(step, axis=1)  # from x' to x > x': rightwards[x] - rightwards[x']
+        leftwards = np.cumsum(step[:, ::-1], axis=1)[
+            :, ::-1
+        ]  # from x' to x < x': leftwards[x] - leftwards[x']
+        from_left = entered - rightwards
+        best_left = np.minimum.accumulate(from_left, axis=1)
+        start_left = np.maximum.accumulate(np.where(from_left == best_left, index, 0), axis=1)
+        from_right = (entered - leftwards)[:, ::-1]
+        best_right = np.minimum.accumulate(from_right, axis=1)
+        start_right = (w - 1 - np.maximum.accumulate(np.where(from_right == best_right, index, 0), axis=1))[
+            :, ::-1
+        ]
+        via_left, via_right = best_left + rightwards, best_right[:, ::-1] + leftwards
+        np.minimum(via_left, via_right, out=totals[:, y])
+        came[:, y] = np.where(via_left <= via_right, start_left, start_right)
+        above = totals[:, y]
+    return totals, came
+
+
+def _trace(
+    came_down: np.ndarray, came_up: np.ndarray, ink: np.ndarray, y: int, x: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The cheapest cut through pixel (y, x): the first and last column it covers in each row, and the
+    strokes of ink (separate runs along it) that it crosses."""
+    h = ink.shape[0]
+    walks = [(0, 0)] * h  # (where it comes into the row, where it leaves it), top to bottom
+    walks[y] = (int(came_down[y, x]), int(came_up[y, x]))
+    for row in range(y - 1, -1, -1):  # up the way it came, then down the way it goes
+        walks[row] = (int(came_down[row, walks[row + 1][0]]), walks[row + 1][0])
+    for row in range(y + 1, h):
+        walks[row] = (walks[row - 1][1], int(came_up[row, walks[row - 1][1]]))
+    lo = np.array([min(a, b) for a, b in walks])
+    hi = np.array([max(a, b) for a, b in walks])
+    lo[y], hi[y] = min(lo[y], x), max(hi[y], x)
+    lengths = hi - lo + 1
+    rows = np.repeat(np.arange(h), lengths)
+    along = ink[rows, lo[rows] + np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)]
+    return lo, hi, int(along[0]) + int((np.diff(along.astype(np.int8)) == 1).sum())
+
+
+def _spans(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
+    """Candidate digits: runs atoms[i:j] of at most MAX_ATOMS no wider than MAX_WIDTH, with their shape
+    (width, height, gaps between their atoms) in line heights."""
+    spans = []
+    for i in range(len(atoms)):
+        x0, y0, x1, y1, gaps = atoms[i].x0, atoms[i].y0, atoms[i].x1, atoms[i].y1, 0
+        for j in range(i + 1, min(i + MAX_ATOMS, len(atoms)) + 1):
+            atom = atoms[j - 1]
+            if j > i + 1:
+                gaps += max(0, atom.x0 - x1)
+                x0, y0, x1, y1 = min(x0, atom.x0), min(y0, atom.y0), max(x1, atom.x1), max(y1, atom.y1)
+            if j > i + 1 and (x1 - x0 > MAX_WIDTH * height or gaps > MAX_GAP * height):
+                break  # (an atom alone is always a candidate)
+            spans.append((i, j, ((x1 - x0) / height, (y1 - y0) / height, gaps / height)))
+    return spans
+
+
+def _features(
+    shape: tuple[float, float, float],
+    atoms: list[_Atom],
+    i: int,
+    j: int,
+    probabilities: np.ndarray,
+    usual: float,
+) -> np.ndarray:
+    """What the score of candidate digit atoms[i:j] weighs (WEIGHTS says what each is): shape (width,
+    height, gaps) in line heights, the network's probabilities, and the usual width of a piece."""
+    width, height, gaps = shape
+    second, first = np.partition(probabilities, -2)[-2:].astype(np.float64).clip(1e-12)
+    after = atoms[j] if j < len(atoms) else None  # the atom whose cut is this candidate's right edge
+    aspect = width / max(height, 1e-6)
+    typical = ASPECTS[int(probabilities.argmax())] if len(probabilities) == len(ASPECTS) else 0.75
+    return np.array([
+        1.0,
+        width / usual,
+        (width / usual) ** 2,
+        (aspect - typical) ** 2,
+        math.log(first),
+        min(math.log(first / second), 20.0),
+        width,
+        width * width,
+        height,
+        max(0.0, 0.6 - height),
+        gaps,
+        atoms[i].cut,
+        max(0, atoms[i].crossings - 1),
+        after.cut if after else 0.0,
+        max(0, after.crossings - 1) if after else 0,
+        j - i - 1,
+        sum(atom.cut > 0 for atom in atoms[i + 1 : j]),
+    ])  # fmt: skip
+
+
+def _best_split(atoms: list[_Atom], spans: list[tuple], scores: np.ndarray, height: float) -> list[int]:
+    """The indices into spans of the digits of the best-scoring split of the atoms, left to right (short
+    atoms may be left out, each scoring SKIP)."""
+    ending: list[list[int]] = [[] for _ in range(len(atoms) + 1)]
+    for k, (_, j, _) in enumerate(spans):
+        ending[j].append(k)
+    best = np.full(len(atoms) + 1, -np.inf)
+    best[0] = 0.0
+    back: list[tuple[int, int | None]] = [(0, None)] * (len(atoms) + 1)  # (previous end, span or skip)
+    for j in range(1, len(atoms) + 1):
+        if atoms[j - 1].y1 - atoms[j - 1].y0 < SKIPPABLE * height and best[j - 1] + SKIP > best[j]:
+            best[j], back[j] = best[j - 1] + SKIP, (j - 1, None)
+        for k in ending[j]:
+            i = spans[k][0]
+            if best[i] + scores[k] > best[j]:
+                best[j], back[j] = best[i] + scores[k], (i, k)
+    chosen, j = [], len(atoms)
+    while j > 0:
+        j, k = back[j]
+        if k is not None:
+            chosen.append(k)
+    return chosen[::-1]
+
+
+def _ink_of(atoms: list[_Atom], ink: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The ink (h, w) in 0..1 of a candidate digit: its atoms' pixels, and the faint edges around them
+    (anti-aliasing, blur) that belong to no piece."""
+    x0, y0 = min(a.x0 for a in atoms), min(a.y0 for a in atoms)
+    x1, y1 = max(a.x1 for a in atoms), max(a.y1 for a in atoms)
+    pad = 2
+    X0, Y0 = max(x0 - pad, 0), max(y0 - pad, 0)
+    X1, Y1 = min(x1 + pad, ink.shape[1]), min(y1 + pad, ink.shape[0])
+    own = np.zeros((Y1 - Y0, X1 - X0), dtype=bool)
+    for a in atoms:
+        own[a.y0 - Y0 : a.y1 - Y0, a.x0 - X0 : a.x1 - X0] |= a.mask
+    near = own.copy()
+    for _ in range(pad):  # grown by a pixel at a time (8-neighbours)
+        grown = near.copy()
+        grown[1:] |= near[:-1]
+        grown[:-1] |= near[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        near = grown
+    edges = near & (labels[Y0:Y1, X0:X1] == 0)
+    return np.where(own | edges, ink[Y0:Y1, X0:X1], 0).astype(np.float32)
