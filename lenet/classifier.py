@@ -181,9 +181,12 @@ class Classifier:
         return Evaluation(result["accuracy"], result["loss"], rows, result["confusion"].tolist(),
                           format_report(result, self.classes))  # fmt: skip
 
-    def explain(self, source: Any, out: str | Path | None = None, invert: str = "auto") -> Explanation:
+    def explain(
+        self, source: Any, out: str | Path | None = None, invert: str = "auto", title: str | None = None
+    ) -> Explanation:
         """The figure of one image: its 28x28 input, the first layer's filters, every conv layer's feature
-        maps and the probabilities (needs matplotlib: pip install 'lenet[plot]'). out: also save it as PNG."""
+        maps and the probabilities (needs matplotlib: pip install 'lenet[plot]'). out: also save it as PNG.
+        title: the figure's, where "{label}" becomes the answer."""
         from lenet import plots
 
         batch, single = images(source, invert)
@@ -191,13 +194,23 @@ class Classifier:
             raise LenetError("explain: expected one image, got a batch")
         prediction = self.predict(batch[0])
         maps = forward.feature_maps(self.model, batch[0], self.mean, self.std)
-        title = f"{self.meta.get('model', {}).get('name')} says {prediction.label}"
+        title = (title or f"{self.meta.get('model', {}).get('name')} says {{label}}").format(
+            label=prediction.label
+        )
         filters = forward.first_filters(self.model)
         figure = plots.explain_figure(batch[0], maps, filters, prediction.probabilities, self.classes, title)
         explanation = Explanation(figure, prediction)
         if out is not None:
             explanation.save(out)
         return explanation
+
+    def read(self, source: Any, invert: str = "auto") -> dict:
+        """The handwritten number (one line of digits) in an image: {"number": "4096", "digits": [{"digit",
+        "probability", "probabilities", "box" (x0, y0, x1, y1 in the image's pixels), "input"}], "width",
+        "height"} (lenet/read.py). LenetError when it holds no digits."""
+        from lenet.read import read_number
+
+        return read_number(source, self.probabilities, invert, classes=self.classes)
 
 
 def load(checkpoint: str | Path, device: str = "cpu", model: nn.Module | None = None) -> Classifier:

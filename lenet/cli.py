@@ -89,27 +89,14 @@ def backend_of(model_path: str, backend: str) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lenet.imagefiles import expand_paths, predict_files, top_k
+    from lenet.imagefiles import expand_paths, load_classifier, predict_files, top_k
 
     paths = expand_paths(args.paths)
     if paths.count("-") > 1:
         raise LenetError("-: stdin holds one image; name it once")
-    if backend_of(args.checkpoint, args.backend) == "onnxruntime":  # no torch needed on this path
-        from lenet.export import OnnxModel
-
-        onnx_model = OnnxModel(args.checkpoint)
-        classify, classes = onnx_model.predict, onnx_model.classes
-    else:
-        import torch
-
-        from lenet.predict import classifier, load
-
-        # One thread: single images are faster without hand-offs, and a folder's preprocessing workers take
-        # the other CPUs (docs/speed.md, "Prediction").
-        torch.set_num_threads(1)
-        model, meta = load(args.checkpoint, args.device)
-        norm, classes = meta["normalization"], meta["classes"]
-        classify = classifier(model, norm["mean"], norm["std"])
+    classify, classes = load_classifier(
+        args.checkpoint, backend_of(args.checkpoint, args.backend), args.device
+    )
     if not 1 <= args.top_k <= len(classes):
         raise LenetError(f"--top-k: expected 1 to {len(classes)}, got {args.top_k}")
     failed = 0
@@ -169,20 +156,16 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from lenet import plots
-    from lenet.predict import feature_maps, first_filters, load, predict
+    from lenet.classifier import load
     from lenet.preprocess import preprocess
 
-    model, meta = load(args.checkpoint, args.device, fold=False)
-    mean, std, classes = meta["normalization"]["mean"], meta["normalization"]["std"], meta["classes"]
+    clf = load(args.checkpoint, args.device)
     name = "<stdin>" if args.image == "-" else args.image
     image = preprocess(sys.stdin.buffer.read() if args.image == "-" else args.image, args.invert, name)
-    probabilities = predict(model, image[None], mean, std)[0].tolist()
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    title = f"{name}: {meta['model']['name']} says {classes[best]}"
-    maps = feature_maps(model, image, mean, std)
-    out = plots.explain(image, maps, first_filters(model), probabilities, classes, args.out, title=title)
-    print(f"{args.image}: {classes[best]} {probabilities[best]:.3f}; wrote {out}")
+    explanation = clf.explain(image, title=f"{name}: {clf.meta['model']['name']} says {{label}}")
+    out = explanation.save(args.out)
+    answer = explanation.prediction
+    print(f"{args.image}: {answer.label} {answer.probability:.3f}; wrote {out}")
     return 0
 
 

@@ -283,6 +283,18 @@ def test_the_classifier_evaluates_and_explains(modern_checkpoint, tmp_path):
     )
 
 
+def test_the_classifier_reads_a_whole_number(modern_checkpoint):
+    clf = lenet.load(modern_checkpoint)
+    ds = lenet.datasets.load("mnist")
+    digits = [ds.test_images[i].numpy() for i in range(3)]  # 7, 2, 1
+    gap = np.zeros((28, 12), np.uint8)
+    line = np.hstack([gap, digits[0], gap, digits[1], gap, digits[2], gap])
+    line = np.vstack([np.zeros((10, line.shape[1]), np.uint8), line, np.zeros((10, line.shape[1]), np.uint8)])
+    result = clf.read(255 - line)  # dark ink on light paper, as written
+    assert result["number"] == "".join(str(int(y)) for y in ds.test_labels[:3])
+    assert [d["box"][0] for d in result["digits"]] == sorted(d["box"][0] for d in result["digits"])
+
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_the_tutorials_class_trains_to_the_classic_floor_and_round_trips(tmp_path, mnist_cache):
