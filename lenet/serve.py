@@ -22,7 +22,24 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from lenet.errors import LenetError
+from lenet.errors import LenetError, optional
+from lenet.preprocess import preprocess
+
+try:
+    import anyio.to_thread
+    import orjson  # 10x faster than json for the 800 numbers of an answer
+    import python_multipart  # noqa: F401  (starlette parses multipart uploads with it)
+    import uvicorn
+    from fastapi import APIRouter, FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+except ImportError:  # without the serve extra: one line naming it (the CLI exits 2), not a traceback
+    optional("fastapi", "uvicorn", "orjson", "python_multipart", purpose="lenet serve")
+    raise
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a phone photo as JPEG fits; the page sends a few KB
 BACKENDS = ("torch", "onnxruntime")
@@ -46,8 +63,11 @@ LARGE_PIXELS = 1024 * 1024  # larger ones are decoded one per CPU at a time (eac
 log = logging.getLogger("lenet.serve")
 
 
+# ---- the model -------------------------------------------------------------------------------------------
+
+
 class _Torch:
-    """A checkpoint in PyTorch: probabilities and conv feature maps for one uint8 (28, 28) image."""
+    """A checkpoint in PyTorch: probabilities for uint8 (N, 28, 28) images, conv feature maps for one."""
 
     has_features = True
 
@@ -70,10 +90,10 @@ class _Torch:
             "normalization": {"mean": self.mean, "std": self.std},
         }
 
-    def probabilities(self, image: np.ndarray) -> list[float]:
+    def probabilities(self, images: np.ndarray) -> list[list[float]]:
         from lenet.predict import predict
 
-        return predict(self.model, image[None], self.mean, self.std)[0].tolist()
+        return predict(self.model, images, self.mean, self.std).tolist()
 
     def features(self, image: np.ndarray) -> dict[str, list]:
         from lenet.predict import feature_maps
@@ -103,8 +123,8 @@ class _Onnx:
             "quantization": self.model.quantization,
         }
 
-    def probabilities(self, image: np.ndarray) -> list[float]:
-        return self.model.predict(image[None])[0].tolist()
+    def probabilities(self, images: np.ndarray) -> list[list[float]]:
+        return self.model.predict(images).tolist()
 
 
 def _fact(value: Any, kind: type) -> Any:
@@ -148,228 +168,266 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class _Served:
+    """What one app serves (the model, its facts, the page's files) and the CPU work of one request."""
+
+    def __init__(self, path: Path, backend: str):
+        self.engine = _open_model(path, backend)
+        self.backend = backend
+        self.facts = {
+            **self.engine.facts,
+            "classes": self.engine.classes,
+            "backend": backend,
+            "feature_maps": self.engine.has_features,
+            "checkpoint": path.name,
+        }
+        self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
+        # Decoding a large upload holds up to ~320 MB (preprocess.MAX_PIXELS of RGBA, twice): one thread per
+        # CPU for those bounds the memory by CPUs, not by anyio's 40 threads (16 uploads of 10 megapixels:
+        # +173 MB instead of +1256 MB, in half the time). Smaller ones keep the shared threads: a queue of
+        # their own would double the p99 of a mixed load.
+        self.large_images = anyio.CapacityLimiter(_cpus())
+
+    def image(self, source: bytes | np.ndarray, invert: str, raw: bool) -> np.ndarray:
+        if raw:
+            return source
+        try:
+            return preprocess(source, invert, name="upload")
+        except LenetError as e:
+            raise HTTPException(400, str(e)) from None
+
+    def result(self, image: np.ndarray, probabilities: list[float], want_features: bool) -> dict:
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        result = {
+            "digit": self.engine.classes[best],
+            "index": best,
+            "probabilities": probabilities,
+            "classes": self.engine.classes,
+            "input": image.tolist(),
+            "features": None,
+        }
+        if want_features:
+            if self.engine.has_features:
+                result["features"] = self.engine.features(image)
+            else:
+                result["note"] = f"feature maps are not available with the {self.backend} backend"
+        return result
+
+    def answer(self, source: bytes | np.ndarray, invert: str, want_features: bool, raw: bool) -> dict:
+        """CPU work of one request: preprocess, predict, feature maps."""
+        image = self.image(source, invert, raw)
+        return self.result(image, self.engine.probabilities(image[None])[0], want_features)
+
+
+# ---- the API ---------------------------------------------------------------------------------------------
+
+Pixels = Annotated[
+    list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)]],
+    Field(min_length=28, max_length=28),
+]
+
+
+class PixelsRequest(BaseModel):
+    """A JSON body for POST /api/predict."""
+
+    model_config = ConfigDict(extra="forbid")
+    pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
+    preprocess: bool = Field(
+        False,
+        description="false: pixels are the network's input as they are (MNIST convention: white ink on "
+        "black, digit centred in a 20x20 box); true: crop, fit and centre them as an uploaded image",
+    )
+    features: bool = Field(False, description="also return the conv feature maps")
+
+
+class PredictResponse(BaseModel):
+    digit: str = Field(description="the most probable class")
+    index: int = Field(description="its position in classes and probabilities")
+    probabilities: list[float] = Field(description="one per class, summing to 1")
+    classes: list[str]
+    input: list[list[int]] = Field(description="the 28x28 uint8 image the network saw")
+    features: dict[str, list[list[list[float]]]] | None = Field(
+        None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
+    )
+    note: str | None = Field(None, description="why requested feature maps are missing")
+
+
+class ModelFacts(BaseModel):
+    name: str | None
+    parameters: int | None
+    dataset: str | None
+    test_accuracy: float | None
+    epoch: int | None
+    classes: list[str]
+    normalization: dict[str, float]
+    backend: str
+    feature_maps: bool
+    checkpoint: str
+
+
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PixelsRequest.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description}
+    for status, description in (
+        (400, "an image without a readable digit (blank, broken, a bomb) or bad JSON"),
+        (413, f"body over {MAX_BODY_BYTES:,} bytes"),
+        (415, "not an image, or an unsupported content type"),
+        (422, "JSON or query parameters of the wrong shape"),
+    )
+}
+
+router = APIRouter()
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # closed before its body was all sent: a client's doing, not a bug; the answer goes nowhere
+    return _error(400, "body: the client disconnected before sending all of it")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return _error(422, f"{where}: {first.get('msg')}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error(500, "internal error (logged on the server)")
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
+    RequestValidationError: _validation_error,
+    Exception: _unexpected,
+}
+
+
+def _pixels_request(body: bytes) -> PixelsRequest:
+    try:
+        return PixelsRequest.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            raise HTTPException(400, f"body: not valid JSON ({first['msg']})") from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise HTTPException(422, f"{where}: {first['msg']}") from None
+
+
+async def _source(request: Request, features: bool) -> tuple[bytes | np.ndarray, bool, bool]:
+    """What a POST /api/predict carries: (image bytes or JSON pixels, raw, features), raw meaning pixels to
+    take as they are; a JSON body may ask for the feature maps itself."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        body = _pixels_request(await request.body())
+        return np.asarray(body.pixels, dtype=np.uint8), not body.preprocess, features or body.features
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
+        return await upload.read(), False, features
+    if kind.startswith(IMAGE_TYPES):
+        return await request.body(), False, features
+    raise HTTPException(415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON")
+
+
+@router.post(
+    "/api/predict",
+    response_model=PredictResponse,
+    openapi_extra={"requestBody": PREDICT_BODY},
+    responses=PREDICT_ERRORS,
+)
+async def predict(
+    request: Request,
+    features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
+    invert: Annotated[
+        Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
+    ] = "auto",
+) -> Response:
+    """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
+    `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
+    served: _Served = request.app.state.served
+    source, raw, features = await _source(request, features)
+    pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
+    if pixels is None:
+        raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
+    # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
+    # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
+    if pixels <= INLINE_MAX_PIXELS and not features:
+        result = served.answer(source, invert, features, raw)
+    else:
+        limiter = served.large_images if pixels > LARGE_PIXELS else None
+        work = (served.answer, source, invert, features, raw)
+        result = await anyio.to_thread.run_sync(*work, limiter=limiter)
+    return Response(orjson.dumps(result), media_type="application/json")
+
+
+@router.get("/api/model", response_model=ModelFacts)
+def model_facts(request: Request) -> dict:
+    """What is being served: architecture, parameter count, dataset, test accuracy, classes."""
+    return request.app.state.served.facts
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+def _page(route: str) -> Any:
+    def serve_page(request: Request) -> Response:
+        content, kind = request.app.state.served.pages[route]
+        return Response(content, media_type=kind, headers=PAGE_HEADERS)
+
+    return serve_page
+
+
+for _route in PAGES:
+    router.add_api_route(_route, _page(_route), methods=["GET"], include_in_schema=False)
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> Response:
+    return Response(status_code=204)
+
+
 def create_app(checkpoint_path: str | Path, backend: str = "torch") -> Any:
     """The FastAPI app serving one checkpoint (or, with backend="onnxruntime", one .onnx export).
 
     The model is loaded here, once. Raises LenetError for a missing or unreadable file or a wrong backend.
     """
-    import anyio.to_thread
-    import orjson  # 10x faster than json for the 800 numbers of an answer
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-
-    from lenet.preprocess import preprocess
-
-    Pixels = Annotated[
-        list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)]],
-        Field(min_length=28, max_length=28),
-    ]
-
-    class PixelsRequest(BaseModel):
-        """A JSON body for POST /api/predict."""
-
-        model_config = ConfigDict(extra="forbid")
-        pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
-        preprocess: bool = Field(
-            False,
-            description="false: pixels are the network's input as they are (MNIST convention: white ink on "
-            "black, digit centred in a 20x20 box); true: crop, fit and centre them as an uploaded image",
-        )
-        features: bool = Field(False, description="also return the conv feature maps")
-
-    class PredictResponse(BaseModel):
-        digit: str = Field(description="the most probable class")
-        index: int = Field(description="its position in classes and probabilities")
-        probabilities: list[float] = Field(description="one per class, summing to 1")
-        classes: list[str]
-        input: list[list[int]] = Field(description="the 28x28 uint8 image the network saw")
-        features: dict[str, list[list[list[float]]]] | None = Field(
-            None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
-        )
-        note: str | None = Field(None, description="why requested feature maps are missing")
-
-    class ModelFacts(BaseModel):
-        name: str | None
-        parameters: int | None
-        dataset: str | None
-        test_accuracy: float | None
-        epoch: int | None
-        classes: list[str]
-        normalization: dict[str, float]
-        backend: str
-        feature_maps: bool
-        checkpoint: str
-
-    path = Path(checkpoint_path)
-    engine = _open_model(path, backend)
-    facts = {
-        **engine.facts,
-        "classes": engine.classes,
-        "backend": backend,
-        "feature_maps": engine.has_features,
-        "checkpoint": path.name,
-    }
-    pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
-    # Decoding a large upload holds up to ~320 MB (preprocess.MAX_PIXELS of RGBA, twice): one thread per CPU
-    # for those bounds the memory by CPUs, not by anyio's 40 threads (16 uploads of 10 megapixels: +173 MB
-    # instead of +1256 MB, in half the time). Smaller ones keep the shared threads: a queue of their own
-    # would double the p99 of a mixed load.
-    large_images = anyio.CapacityLimiter(_cpus())
-
+    served = _Served(Path(checkpoint_path), backend)
     app = FastAPI(
         title="lenet",
         version="1",
         description='Draw a digit and watch LeNet read it. Every error is JSON {"error": "..."}.',
         docs_url=None,  # Swagger UI and ReDoc load from a CDN
         redoc_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
     )
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
-        # closed before its body was all sent: a client's doing, not a bug; the answer goes nowhere
-        return error(400, "body: the client disconnected before sending all of it")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        return error(422, f"{where}: {first.get('msg')}")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error(500, "internal error (logged on the server)")
-
-    def answer(source: Any, invert: str, want_features: bool, raw: bool) -> dict:
-        """CPU work of one request, run in a worker thread: preprocess, predict, feature maps."""
-        try:
-            image = source if raw else preprocess(source, invert, name="upload")
-        except LenetError as e:
-            raise HTTPException(400, str(e)) from None
-        probabilities = engine.probabilities(image)
-        best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        result = {
-            "digit": engine.classes[best],
-            "index": best,
-            "probabilities": probabilities,
-            "classes": engine.classes,
-            "input": image.tolist(),
-            "features": None,
-        }
-        if want_features:
-            if engine.has_features:
-                result["features"] = engine.features(image)
-            else:
-                result["note"] = f"feature maps are not available with the {backend} backend"
-        return result
-
-    body_doc = {
-        "required": True,
-        "content": {
-            "application/json": {"schema": PixelsRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-
-    @app.post(
-        "/api/predict",
-        response_model=PredictResponse,
-        openapi_extra={"requestBody": body_doc},
-        responses={
-            400: {"description": "an image without a readable digit (blank, broken, a bomb) or bad JSON"},
-            413: {"description": f"body over {MAX_BODY_BYTES:,} bytes"},
-            415: {"description": "not an image, or an unsupported content type"},
-            422: {"description": "JSON or query parameters of the wrong shape"},
-        },
-    )
-    async def predict(
-        request: Request,
-        features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
-        invert: Annotated[
-            Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
-        ] = "auto",
-    ) -> JSONResponse:
-        """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
-        `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        raw = False
-        if kind == "application/json":
-            try:
-                body = PixelsRequest.model_validate_json(await request.body())
-            except ValidationError as e:
-                first = e.errors()[0]
-                if first["type"] == "json_invalid":
-                    raise HTTPException(400, f"body: not valid JSON ({first['msg']})") from None
-                where = ".".join(str(part) for part in first["loc"]) or "body"
-                raise HTTPException(422, f"{where}: {first['msg']}") from None
-            source, raw = np.asarray(body.pixels, dtype=np.uint8), not body.preprocess
-            features = features or body.features
-        elif kind == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=10)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
-            source = await upload.read()
-        elif kind.startswith(IMAGE_TYPES):
-            source = await request.body()
-        else:
-            raise HTTPException(
-                415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON"
-            )
-        pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
-        if pixels is None:
-            raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
-        # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
-        # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
-        if pixels <= INLINE_MAX_PIXELS and not features:
-            result = answer(source, invert, features, raw)
-        else:
-            limiter = large_images if pixels > LARGE_PIXELS else None
-            result = await anyio.to_thread.run_sync(answer, source, invert, features, raw, limiter=limiter)
-        return Response(orjson.dumps(result), media_type="application/json")
-
-    @app.get("/api/model", response_model=ModelFacts)
-    def model_facts() -> dict:
-        """What is being served: architecture, parameter count, dataset, test accuracy, classes."""
-        return facts
-
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok"}
-
-    def page(route: str) -> None:
-        content, kind = pages[route]
-
-        @app.get(route, include_in_schema=False)
-        def serve_page() -> Response:
-            return Response(content, media_type=kind, headers=PAGE_HEADERS)
-
-    for route in pages:
-        page(route)
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon() -> Response:
-        return Response(status_code=204)
-
+    app.state.served = served
+    app.include_router(router)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     return app
 
@@ -384,15 +442,12 @@ class _BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        from starlette.exceptions import HTTPException
-        from starlette.responses import JSONResponse
-
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             status, message = (413, self._too_large()) if declared.isdigit() else (400, "bad Content-Length")
-            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+            return await _error(status, message)(scope, receive, send)
         seen = 0
 
         async def counted() -> dict:
@@ -438,8 +493,6 @@ def serve(
     workers > 1 runs that many server processes on one port (uvicorn's supervisor; the kernel spreads the
     connections), each with its own copy of the model: up to workers times the requests/s on as many CPUs.
     """
-    import uvicorn
-
     if workers < 1:
         raise LenetError(f"--workers: expected 1 or more, got {workers}")
     os.environ[_WORKER_ENV] = json.dumps([str(checkpoint_path), backend])
