@@ -7,8 +7,9 @@ it loads its script from a CDN, and the page must work offline.
 Safety: the model is loaded once, when the app is made; requests carry pixels only, so no route loads a
 model, reads a path (the page's three files are read into memory at start) or fetches a URL. Bodies over
 MAX_BODY_BYTES get 413, checked from Content-Length and again while the body is read, so a client that
-lies or streams never makes the server hold more. Every error is JSON `{"error": "one line"}`; what a client
-sends never gives 500.
+lies or streams never makes the server hold more; the rest of such a body is read and dropped, within
+DISCARD_BYTES and DISCARD_SECONDS, so that a client that sends all of it before reading sees the 413 (see
+_BodyLimit). Every error is JSON `{"error": "one line"}`; what a client sends never gives 500.
 """
 
 import gc
@@ -42,6 +43,10 @@ except ImportError:  # without the serve extra: one line naming it (the CLI exit
     raise
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a phone photo as JPEG fits; the page sends a few KB
+# What is read and dropped of a refused body before the connection closes: bodies up to DISCARD_BYTES in
+# all, sent within DISCARD_SECONDS. Larger or slower ones are cut off there, and their sender may see a reset.
+DISCARD_BYTES = 16 * MAX_BODY_BYTES
+DISCARD_SECONDS = 10.0
 BACKENDS = ("torch", "onnxruntime")
 STATIC = Path(__file__).parent / "static"
 PAGES = {
@@ -436,6 +441,10 @@ class _BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, from its Content-Length or as it streams.
 
     Past the limit, reading the body raises HTTPException(413), which the app's handler turns into JSON.
+    That answer goes out at once and closes the connection, but only after the rest of the body has been
+    read and dropped (_discard): closing a socket with unread bytes makes the kernel reset the connection,
+    and a client that sends its whole body before reading (urllib, most scripts) then sees the reset
+    instead of the 413.
     """
 
     def __init__(self, app: Any, limit: int):
@@ -444,24 +453,52 @@ class _BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            status, message = (413, self._too_large()) if declared.isdigit() else (400, "bad Content-Length")
-            return await _error(status, message)(scope, receive, send)
-        seen = 0
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            return await _error(400, "bad Content-Length")(scope, receive, send)
+        seen, refused = 0, False
+        # a client waiting for "100 Continue" sends nothing more; a body too large to read is not read
+        discard = (
+            headers.get(b"expect", b"").lower() != b"100-continue" and int(declared or 0) <= DISCARD_BYTES
+        )
 
         async def counted() -> dict:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                refused = True
                 raise HTTPException(413, self._too_large())
             return message
 
-        await self.app(scope, counted, send)
+        async def answer(message: dict) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif refused and message["type"] == "http.response.body" and not message.get("more_body"):
+                await send({**message, "more_body": True})  # the whole answer, as Content-Length says
+                if discard:
+                    await _discard(receive, seen)
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        if declared is not None and int(declared) > self.limit:
+            refused = True
+            return await _error(413, self._too_large())(scope, receive, answer)
+        await self.app(scope, counted, answer)
 
     def _too_large(self) -> str:
         return f"body: more than {self.limit:,} bytes"
+
+
+async def _discard(receive: Any, seen: int) -> None:
+    """Read and drop the rest of a refused body: to its end, DISCARD_BYTES in all, or DISCARD_SECONDS."""
+    with anyio.move_on_after(DISCARD_SECONDS):
+        while seen <= DISCARD_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
 
 
 _WORKER_ENV = "LENET_SERVE_MODEL"  # how `serve` tells its worker processes what to load: JSON [path, backend]

@@ -166,21 +166,13 @@ def test_bodies_over_the_limit_get_413(client) -> None:
 
 
 def test_reading_stops_at_the_limit(app) -> None:
-    """At the ASGI level: a streamed body is refused after the chunk that passes the limit, not at its end."""
+    """At the ASGI level: a streamed body is refused after the chunk that passes the limit, not at its end;
+    the rest is then read and dropped (to its end, or DISCARD_BYTES in all) before the answer completes."""
     import asyncio
 
-    from lenet.serve import MAX_BODY_BYTES
+    from lenet.serve import DISCARD_BYTES, MAX_BODY_BYTES
 
-    chunk, chunks = 64 * 1024, 64
-    read, sent = [], []
-
-    async def receive() -> dict:
-        read.append(chunk)
-        return {"type": "http.request", "body": bytes(chunk), "more_body": len(read) < chunks}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+    chunk = 64 * 1024
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -195,9 +187,33 @@ def test_reading_stops_at_the_limit(app) -> None:
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
-    asyncio.run(app(scope, receive, send))
-    assert sent[0]["status"] == 413
-    assert sum(read) == MAX_BODY_BYTES + chunk  # one chunk past the limit, then no more
+
+    def refuse(chunks: int | None) -> tuple[int, int, list[dict]]:
+        """(bytes read when the answer started, bytes read in all, the messages sent) for a body of
+        `chunks` chunks (None: without end)."""
+        read, sent, answered_at = [], [], []
+
+        async def receive() -> dict:
+            read.append(chunk)
+            return {
+                "type": "http.request",
+                "body": bytes(chunk),
+                "more_body": chunks is None or len(read) < chunks,
+            }
+
+        async def send(message: dict) -> None:
+            answered_at.append(sum(read))
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        return answered_at[0], sum(read), sent
+
+    answered_at, read, sent = refuse(64)
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert answered_at == MAX_BODY_BYTES + chunk  # one chunk past the limit
+    assert read == 64 * chunk and not sent[-1].get("more_body")  # then the rest, dropped, and the end
+    answered_at, read, _ = refuse(None)
+    assert answered_at == MAX_BODY_BYTES + chunk and read == DISCARD_BYTES + chunk
 
 
 def test_non_images_get_415(client) -> None:
