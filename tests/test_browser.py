@@ -35,9 +35,9 @@ def server_url(modern_checkpoint: Path) -> Iterator[str]:
     """The app under uvicorn in a thread, on 127.0.0.1 and a port the OS picks."""
     import uvicorn
 
-    from lenet.serve import create_app
+    from lenet.serve import UVICORN_OPTIONS, create_app
 
-    config = uvicorn.Config(create_app(modern_checkpoint), host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(create_app(modern_checkpoint), host="127.0.0.1", port=0, **UVICORN_OPTIONS)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

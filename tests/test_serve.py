@@ -147,6 +147,40 @@ def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, mod
     assert 10 <= rows.mean() <= 18 and 10 <= cols.mean() <= 18
 
 
+def test_requests_ready_together_share_a_forward_pass(
+    app, client, mnist_test: data.Dataset, monkeypatch
+) -> None:
+    """Requests in flight at once are answered from one batched forward pass, each with its own answer."""
+    import asyncio
+
+    import httpx
+
+    blobs = [png(pixels) for pixels in mnist_test.test_images[:12].numpy()]
+    alone = [post_image(client, blob).json() for blob in blobs]
+    batcher, sizes = app.state.served.batcher, []
+    forward = batcher.probabilities_of
+
+    def counted(images):
+        sizes.append(len(images))
+        return forward(images)
+
+    monkeypatch.setattr(batcher, "probabilities_of", counted)
+
+    async def all_at_once() -> list:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lenet") as together:
+            posts = (
+                together.post("/api/predict", content=b, headers={"content-type": "image/png"}) for b in blobs
+            )
+            return await asyncio.gather(*posts)
+
+    answers = [response.json() for response in asyncio.run(all_at_once())]
+    assert sum(sizes) == len(blobs) and max(sizes) > 1
+    for one, batched in zip(alone, answers, strict=True):
+        assert batched["digit"] == one["digit"] and batched["input"] == one["input"]
+        assert batched["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6)
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 
 

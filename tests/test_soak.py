@@ -264,13 +264,13 @@ OVERSIZED = 5_000_000
 
 @pytest.fixture(scope="module")
 def local_port() -> Iterator[int]:
-    """The app (a `modern` checkpoint with fresh weights) under uvicorn in a thread, on 127.0.0.1 and a port
-    the OS picks."""
+    """The app (a `modern` checkpoint with fresh weights) under uvicorn in a thread, run as `lenet serve` runs
+    it, on 127.0.0.1 and a port the OS picks."""
     import torch
     import uvicorn
 
     from lenet.models import build
-    from lenet.serve import create_app
+    from lenet.serve import UVICORN_OPTIONS, create_app
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "modern.safetensors"
@@ -285,7 +285,7 @@ def local_port() -> Iterator[int]:
             torch.manual_seed(0)
             checkpoint.save(path, build("modern").eval(), meta)
         app = create_app(path)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **UVICORN_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
