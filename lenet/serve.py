@@ -39,7 +39,7 @@ try:
     from fastapi import APIRouter, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -273,8 +273,15 @@ class _Served:
 
 # ---- the API ---------------------------------------------------------------------------------------------
 
+# A grey level is what JSON Schema calls an integer: a whole number, 7.0 included, but not true or "7",
+# which pydantic's int would take. So: a strict float that must be whole, documented as the integer it is.
+GreyLevel = Annotated[
+    float,
+    Field(ge=0, le=255, multiple_of=1, strict=True),
+    WithJsonSchema({"type": "integer", "maximum": 255, "minimum": 0}),
+]
 Pixels = Annotated[
-    list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)]],
+    list[Annotated[list[GreyLevel], Field(min_length=28, max_length=28)]],
     Field(min_length=28, max_length=28),
 ]
 
@@ -282,7 +289,7 @@ Pixels = Annotated[
 class PixelsRequest(BaseModel):
     """A JSON body for POST /api/predict."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # booleans are true or false, not 0 or "yes"
     pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
     preprocess: bool = Field(
         False,
@@ -317,6 +324,10 @@ class ModelFacts(BaseModel):
     checkpoint: str
 
 
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in one line")
+
+
 PREDICT_BODY = {
     "required": True,
     "content": {
@@ -332,7 +343,7 @@ PREDICT_BODY = {
     },
 }
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"description": description}
+    status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "an image without a readable digit (blank, broken, a bomb) or bad JSON"),
         (413, f"body over {MAX_BODY_BYTES:,} bytes"),

@@ -100,6 +100,12 @@ def test_openapi_schema_without_cdn_docs(client) -> None:
     body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data", "image/*"}
     assert set(body["application/json"]["schema"]["properties"]) == {"pixels", "preprocess", "features"}
+    errors = schema["paths"]["/api/predict"]["post"]["responses"]
+    for status in ("400", "413", "415", "422"):  # documented as they are sent: {"error": "one line"}
+        assert errors[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    assert schema["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
     assert {"/api/model", "/healthz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
     assert client.get("/redoc").status_code == 404
@@ -138,6 +144,8 @@ def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, mod
     expected = predict(model, pixels[None], **meta["normalization"])[0].tolist()
     assert answer["probabilities"] == pytest.approx(expected, abs=1e-6)
     assert set(answer["features"]) == {"conv1", "conv2"}
+    as_floats = client.post("/api/predict", json={"pixels": pixels.astype(float).tolist()}).json()
+    assert as_floats["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-6)  # 7.0: an integer
 
     # preprocess: true crops and centres them like an upload: a digit drawn in a corner moves to the middle
     corner = np.zeros((28, 28), np.uint8)
@@ -278,6 +286,11 @@ def test_unusable_images_get_400(client) -> None:
         ({"pixels": [[0] * 28] * 27 + [[0] * 27 + [256]]}, "pixels.27.27"),
         ({"pixels": [[-1] * 28] * 28}, "pixels.0.0"),
         ({"pixels": [["a"] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [["7"] * 28] * 28}, "pixels.0.0"),  # what the schema calls an integer, and nothing else
+        ({"pixels": [[True] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [[7.5] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [[0] * 28] * 28, "preprocess": 1}, "preprocess"),
+        ({"pixels": [[0] * 28] * 28, "features": "yes"}, "features"),
         ({"pixels": "0" * 784}, "pixels"),
         ({"pixels": [[0] * 28] * 28, "feature": True}, "feature"),
         ({"image": []}, "pixels"),
