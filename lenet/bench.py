@@ -540,7 +540,10 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
     from PIL import Image
 
     from lenet import data
+    from lenet.errors import optional
 
+    # the server runs in processes of its own: without the extra, say so here in one line
+    optional("fastapi", "uvicorn", "orjson", "python_multipart", purpose="lenet bench serve")
     dataset = data.load("mnist")
     bodies = []
     for pixels in dataset.test_images[: min(requests, len(dataset.test_images))].numpy():

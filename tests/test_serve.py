@@ -430,6 +430,52 @@ def test_several_workers_share_the_port_and_answer(mnist_test: data.Dataset) -> 
             connection.close()
 
 
+# `pip install -e .` without extras: the import system finds none of the packages named in argv[1]
+WITHOUT_SERVE_EXTRA = """
+import sys
+
+MISSING = set(sys.argv[1].split(","))
+
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Missing())
+from lenet.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("missing", "needed"),
+    [
+        ("fastapi,starlette,anyio,uvicorn,orjson,python_multipart,multipart,httptools,uvloop", "fastapi"),
+        ("uvicorn", "uvicorn"),
+        ("orjson", "orjson"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "bench serve"])
+def test_without_the_serve_extra_one_line_names_it(
+    tmp_path: Path, missing: str, needed: str, command: str
+) -> None:
+    import subprocess
+    import sys
+
+    args = ["serve", str(tmp_path / "best.safetensors")] if command == "serve" else ["bench", "serve"]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SERVE_EXTRA, missing, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"lenet: error: lenet {command} needs {needed}: pip install 'lenet[serve]'\n"
+
+
 def test_workers_must_be_positive(modern_checkpoint: Path) -> None:
     from lenet.serve import serve
 
