@@ -381,16 +381,19 @@ def _number_pngs(images: np.ndarray, count: int, digits: int = 4) -> list[bytes]
 
 async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
     """Send one HTTP/1.1 request on a kept-alive connection; (status, body) of the answer."""
+    import asyncio
+
     writer.write(request)
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("connection closed")
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")  # one call for the status line and headers
+    except asyncio.IncompleteReadError as e:
+        raise ConnectionError("connection closed") from e
     length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    return int(status_line.split()[1]), await reader.readexactly(length)
+    return int(head.split(None, 2)[1]), await reader.readexactly(length)
 
 
 async def _load(
@@ -462,7 +465,6 @@ def _load_client(argv: list[str]) -> None:
     BODIES_FILE holds the request bodies, each as a 4-byte little-endian length and the bytes. A warm-up of
     2 requests per client runs first and is not counted.
     """
-    import asyncio
     import json
     import struct
 
@@ -476,8 +478,12 @@ def _load_client(argv: list[str]) -> None:
     clients_n = int(clients)
     gc.collect()
     gc.freeze()  # the collector's rescans of what imports left would show as latency (see serve._worker_app)
-    asyncio.run(_load(int(port), method, path, bodies, 2 * clients_n, clients_n, float(time_limit)))
-    result = asyncio.run(_load(int(port), method, path, bodies, int(total), clients_n, float(time_limit)))
+    try:  # uvloop (lenet[serve] brings it): the load's own CPU comes out of the server's on a small machine
+        from uvloop import run
+    except ImportError:
+        from asyncio import run
+    run(_load(int(port), method, path, bodies, 2 * clients_n, clients_n, float(time_limit)))
+    result = run(_load(int(port), method, path, bodies, int(total), clients_n, float(time_limit)))
     latencies = np.array(result["latencies"]) * 1e3
     print(
         json.dumps(
@@ -566,7 +572,10 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
     from PIL import Image
 
     from lenet import data
+    from lenet.errors import optional
 
+    # the server runs in processes of its own: without the extra, say so here in one line
+    optional("fastapi", "uvicorn", "orjson", "python_multipart", purpose="lenet bench serve")
     dataset = data.load("mnist")
     bodies = []
     for pixels in dataset.test_images[: min(requests, len(dataset.test_images))].numpy():

@@ -7,10 +7,16 @@ it loads its script from a CDN, and the page must work offline.
 Safety: the model is loaded once, when the app is made; requests carry pixels only, so no route loads a
 model, reads a path (the page's three files are read into memory at start) or fetches a URL. Bodies over
 MAX_BODY_BYTES get 413, checked from Content-Length and again while the body is read, so a client that
-lies or streams never makes the server hold more. Every error is JSON `{"error": "one line"}`; what a client
-sends never gives 500.
+lies or streams never makes the server hold more; the rest of such a body is read and dropped, within
+DISCARD_BYTES and DISCARD_SECONDS, so that a client that sends all of it before reading sees the 413 (see
+_BodyLimit). Every error is JSON `{"error": "one line"}`; what a client sends never gives 500.
+
+Speed: a small image is preprocessed on the event loop, the forward passes of all requests that are
+ready at the same moment run as one batch (_Batcher), and an answer's head and body leave in one send
+(_PairedWrites).
 """
 
+import asyncio
 import gc
 import io
 import json
@@ -22,9 +28,31 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from lenet.errors import LenetError
+from lenet.errors import LenetError, optional
+from lenet.preprocess import preprocess
+
+try:
+    import anyio.to_thread
+    import orjson  # 10x faster than json for the 800 numbers of an answer
+    import python_multipart  # noqa: F401  (starlette parses multipart uploads with it)
+    import uvicorn
+    from fastapi import APIRouter, FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+except ImportError:  # without the serve extra: one line naming it (the CLI exits 2), not a traceback
+    optional("fastapi", "uvicorn", "orjson", "python_multipart", purpose="lenet serve")
+    raise
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB: a phone photo as JPEG fits; the page sends a few KB
+# What is read and dropped of a refused body before the connection closes: bodies up to DISCARD_BYTES in
+# all, sent within DISCARD_SECONDS. Larger or slower ones are cut off there, and their sender may see a reset.
+DISCARD_BYTES = 16 * MAX_BODY_BYTES
+DISCARD_SECONDS = 10.0
 BACKENDS = ("torch", "onnxruntime")
 STATIC = Path(__file__).parent / "static"
 PAGES = {
@@ -46,8 +74,11 @@ LARGE_PIXELS = 1024 * 1024  # larger ones are decoded one per CPU at a time (eac
 log = logging.getLogger("lenet.serve")
 
 
+# ---- the model -------------------------------------------------------------------------------------------
+
+
 class _Torch:
-    """A checkpoint in PyTorch: probabilities and conv feature maps for one uint8 (28, 28) image."""
+    """A checkpoint in PyTorch: probabilities for uint8 (N, 28, 28) images, conv feature maps for one."""
 
     has_features = True
 
@@ -70,10 +101,10 @@ class _Torch:
             "normalization": {"mean": self.mean, "std": self.std},
         }
 
-    def probabilities(self, image: np.ndarray) -> list[float]:
+    def probabilities(self, images: np.ndarray) -> list[list[float]]:
         from lenet.predict import predict
 
-        return predict(self.model, image[None], self.mean, self.std)[0].tolist()
+        return predict(self.model, images, self.mean, self.std).tolist()
 
     def features(self, image: np.ndarray) -> dict[str, list]:
         from lenet.predict import feature_maps
@@ -103,8 +134,8 @@ class _Onnx:
             "quantization": self.model.quantization,
         }
 
-    def probabilities(self, image: np.ndarray) -> list[float]:
-        return self.model.predict(image[None])[0].tolist()
+    def probabilities(self, images: np.ndarray) -> list[list[float]]:
+        return self.model.predict(images).tolist()
 
 
 def _fact(value: Any, kind: type) -> Any:
@@ -148,228 +179,318 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class _Batcher:
+    """One forward pass for the images of all the requests that are ready at the same moment.
+
+    Under load many requests are ready at once, and a pass over N small images costs far less than N
+    passes over one (a layer's fixed cost per call is most of one image's time). No timer: a request's
+    image joins the batch, and the batch runs once the event loop has run every task that was ready when
+    the first image joined, so a request on its own goes through at once.
+    """
+
+    def __init__(self, probabilities: Any):
+        self.probabilities_of = probabilities  # uint8 (N, 28, 28) -> N lists of probabilities
+        self.waiting: list[tuple[np.ndarray, asyncio.Future]] = []
+
+    async def probabilities(self, image: np.ndarray) -> list[float]:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self.waiting.append((image, answer))
+        if len(self.waiting) == 1:
+            loop.call_soon(self._run)
+        return await answer
+
+    def _run(self) -> None:
+        batch, self.waiting = self.waiting, []
+        try:
+            rows = self.probabilities_of(np.stack([image for image, _ in batch]))
+        except Exception as e:  # a bug: every request of the batch answers 500 and logs it
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(e)
+            return
+        for (_, answer), row in zip(batch, rows, strict=True):
+            if not answer.done():
+                answer.set_result(row)
+
+
+class _Served:
+    """What one app serves (the model, its facts, the page's files) and the CPU work of one request."""
+
+    def __init__(self, path: Path, backend: str):
+        self.engine = _open_model(path, backend)
+        self.backend = backend
+        self.facts = {
+            **self.engine.facts,
+            "classes": self.engine.classes,
+            "backend": backend,
+            "feature_maps": self.engine.has_features,
+            "checkpoint": path.name,
+        }
+        self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
+        # Decoding a large upload holds up to ~320 MB (preprocess.MAX_PIXELS of RGBA, twice): one thread per
+        # CPU for those bounds the memory by CPUs, not by anyio's 40 threads (16 uploads of 10 megapixels:
+        # +173 MB instead of +1256 MB, in half the time). Smaller ones keep the shared threads: a queue of
+        # their own would double the p99 of a mixed load.
+        self.large_images = anyio.CapacityLimiter(_cpus())
+        self.batcher = _Batcher(self.engine.probabilities)
+
+    def image(self, source: bytes | np.ndarray, invert: str, raw: bool) -> np.ndarray:
+        if raw:
+            return source
+        try:
+            return preprocess(source, invert, name="upload")
+        except LenetError as e:
+            raise HTTPException(400, str(e)) from None
+
+    def result(self, image: np.ndarray, probabilities: list[float], want_features: bool) -> dict:
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        result = {
+            "digit": self.engine.classes[best],
+            "index": best,
+            "probabilities": probabilities,
+            "classes": self.engine.classes,
+            "input": image.tolist(),
+            "features": None,
+        }
+        if want_features:
+            if self.engine.has_features:
+                result["features"] = self.engine.features(image)
+            else:
+                result["note"] = f"feature maps are not available with the {self.backend} backend"
+        return result
+
+    def answer(self, source: bytes | np.ndarray, invert: str, want_features: bool, raw: bool) -> dict:
+        """All the work of one request, in a worker thread: preprocess, predict, feature maps."""
+        image = self.image(source, invert, raw)
+        return self.result(image, self.engine.probabilities(image[None])[0], want_features)
+
+    async def answer_here(self, source: bytes | np.ndarray, invert: str, raw: bool) -> dict:
+        """The same on the event loop, the forward pass shared with the other requests ready now."""
+        image = self.image(source, invert, raw)
+        return self.result(image, await self.batcher.probabilities(image), False)
+
+
+# ---- the API ---------------------------------------------------------------------------------------------
+
+# A grey level is what JSON Schema calls an integer: a whole number, 7.0 included, but not true or "7",
+# which pydantic's int would take. So: a strict float that must be whole, documented as the integer it is.
+GreyLevel = Annotated[
+    float,
+    Field(ge=0, le=255, multiple_of=1, strict=True),
+    WithJsonSchema({"type": "integer", "maximum": 255, "minimum": 0}),
+]
+Pixels = Annotated[
+    list[Annotated[list[GreyLevel], Field(min_length=28, max_length=28)]],
+    Field(min_length=28, max_length=28),
+]
+
+
+class PixelsRequest(BaseModel):
+    """A JSON body for POST /api/predict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # booleans are true or false, not 0 or "yes"
+    pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
+    preprocess: bool = Field(
+        False,
+        description="false: pixels are the network's input as they are (MNIST convention: white ink on "
+        "black, digit centred in a 20x20 box); true: crop, fit and centre them as an uploaded image",
+    )
+    features: bool = Field(False, description="also return the conv feature maps")
+
+
+class PredictResponse(BaseModel):
+    digit: str = Field(description="the most probable class")
+    index: int = Field(description="its position in classes and probabilities")
+    probabilities: list[float] = Field(description="one per class, summing to 1")
+    classes: list[str]
+    input: list[list[int]] = Field(description="the 28x28 uint8 image the network saw")
+    features: dict[str, list[list[list[float]]]] | None = Field(
+        None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
+    )
+    note: str | None = Field(None, description="why requested feature maps are missing")
+
+
+class ModelFacts(BaseModel):
+    name: str | None
+    parameters: int | None
+    dataset: str | None
+    test_accuracy: float | None
+    epoch: int | None
+    classes: list[str]
+    normalization: dict[str, float]
+    backend: str
+    feature_maps: bool
+    checkpoint: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, in one line")
+
+
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PixelsRequest.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "an image without a readable digit (blank, broken, a bomb) or bad JSON"),
+        (413, f"body over {MAX_BODY_BYTES:,} bytes"),
+        (415, "not an image, or an unsupported content type"),
+        (422, "JSON or query parameters of the wrong shape"),
+    )
+}
+
+router = APIRouter()
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # closed before its body was all sent: a client's doing, not a bug; the answer goes nowhere
+    return _error(400, "body: the client disconnected before sending all of it")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return _error(422, f"{where}: {first.get('msg')}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error(500, "internal error (logged on the server)")
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
+    RequestValidationError: _validation_error,
+    Exception: _unexpected,
+}
+
+
+def _pixels_request(body: bytes) -> PixelsRequest:
+    try:
+        return PixelsRequest.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            raise HTTPException(400, f"body: not valid JSON ({first['msg']})") from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise HTTPException(422, f"{where}: {first['msg']}") from None
+
+
+async def _source(request: Request, features: bool) -> tuple[bytes | np.ndarray, bool, bool]:
+    """What a POST /api/predict carries: (image bytes or JSON pixels, raw, features), raw meaning pixels to
+    take as they are; a JSON body may ask for the feature maps itself."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        body = _pixels_request(await request.body())
+        return np.asarray(body.pixels, dtype=np.uint8), not body.preprocess, features or body.features
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
+        return await upload.read(), False, features
+    if kind.startswith(IMAGE_TYPES):
+        return await request.body(), False, features
+    raise HTTPException(415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON")
+
+
+@router.post(
+    "/api/predict",
+    response_model=PredictResponse,
+    openapi_extra={"requestBody": PREDICT_BODY},
+    responses=PREDICT_ERRORS,
+)
+async def predict(
+    request: Request,
+    features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
+    invert: Annotated[
+        Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
+    ] = "auto",
+) -> Response:
+    """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
+    `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
+    served: _Served = request.app.state.served
+    source, raw, features = await _source(request, features)
+    pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
+    if pixels is None:
+        raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
+    # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
+    # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
+    if pixels <= INLINE_MAX_PIXELS and not features:
+        result = await served.answer_here(source, invert, raw)
+    else:
+        limiter = served.large_images if pixels > LARGE_PIXELS else None
+        work = (served.answer, source, invert, features, raw)
+        result = await anyio.to_thread.run_sync(*work, limiter=limiter)
+    return Response(orjson.dumps(result), media_type="application/json")
+
+
+@router.get("/api/model", response_model=ModelFacts)
+def model_facts(request: Request) -> dict:
+    """What is being served: architecture, parameter count, dataset, test accuracy, classes."""
+    return request.app.state.served.facts
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+def _page(route: str) -> Any:
+    def serve_page(request: Request) -> Response:
+        content, kind = request.app.state.served.pages[route]
+        return Response(content, media_type=kind, headers=PAGE_HEADERS)
+
+    return serve_page
+
+
+for _route in PAGES:
+    router.add_api_route(_route, _page(_route), methods=["GET"], include_in_schema=False)
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> Response:
+    return Response(status_code=204)
+
+
 def create_app(checkpoint_path: str | Path, backend: str = "torch") -> Any:
     """The FastAPI app serving one checkpoint (or, with backend="onnxruntime", one .onnx export).
 
     The model is loaded here, once. Raises LenetError for a missing or unreadable file or a wrong backend.
     """
-    import anyio.to_thread
-    import orjson  # 10x faster than json for the 800 numbers of an answer
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-
-    from lenet.preprocess import preprocess
-
-    Pixels = Annotated[
-        list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=28, max_length=28)]],
-        Field(min_length=28, max_length=28),
-    ]
-
-    class PixelsRequest(BaseModel):
-        """A JSON body for POST /api/predict."""
-
-        model_config = ConfigDict(extra="forbid")
-        pixels: Pixels = Field(description="28 rows of 28 grey levels 0..255")
-        preprocess: bool = Field(
-            False,
-            description="false: pixels are the network's input as they are (MNIST convention: white ink on "
-            "black, digit centred in a 20x20 box); true: crop, fit and centre them as an uploaded image",
-        )
-        features: bool = Field(False, description="also return the conv feature maps")
-
-    class PredictResponse(BaseModel):
-        digit: str = Field(description="the most probable class")
-        index: int = Field(description="its position in classes and probabilities")
-        probabilities: list[float] = Field(description="one per class, summing to 1")
-        classes: list[str]
-        input: list[list[int]] = Field(description="the 28x28 uint8 image the network saw")
-        features: dict[str, list[list[list[float]]]] | None = Field(
-            None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
-        )
-        note: str | None = Field(None, description="why requested feature maps are missing")
-
-    class ModelFacts(BaseModel):
-        name: str | None
-        parameters: int | None
-        dataset: str | None
-        test_accuracy: float | None
-        epoch: int | None
-        classes: list[str]
-        normalization: dict[str, float]
-        backend: str
-        feature_maps: bool
-        checkpoint: str
-
-    path = Path(checkpoint_path)
-    engine = _open_model(path, backend)
-    facts = {
-        **engine.facts,
-        "classes": engine.classes,
-        "backend": backend,
-        "feature_maps": engine.has_features,
-        "checkpoint": path.name,
-    }
-    pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
-    # Decoding a large upload holds up to ~320 MB (preprocess.MAX_PIXELS of RGBA, twice): one thread per CPU
-    # for those bounds the memory by CPUs, not by anyio's 40 threads (16 uploads of 10 megapixels: +173 MB
-    # instead of +1256 MB, in half the time). Smaller ones keep the shared threads: a queue of their own
-    # would double the p99 of a mixed load.
-    large_images = anyio.CapacityLimiter(_cpus())
-
+    served = _Served(Path(checkpoint_path), backend)
     app = FastAPI(
         title="lenet",
         version="1",
         description='Draw a digit and watch LeNet read it. Every error is JSON {"error": "..."}.',
         docs_url=None,  # Swagger UI and ReDoc load from a CDN
         redoc_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
     )
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
-        # closed before its body was all sent: a client's doing, not a bug; the answer goes nowhere
-        return error(400, "body: the client disconnected before sending all of it")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        return error(422, f"{where}: {first.get('msg')}")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error(500, "internal error (logged on the server)")
-
-    def answer(source: Any, invert: str, want_features: bool, raw: bool) -> dict:
-        """CPU work of one request, run in a worker thread: preprocess, predict, feature maps."""
-        try:
-            image = source if raw else preprocess(source, invert, name="upload")
-        except LenetError as e:
-            raise HTTPException(400, str(e)) from None
-        probabilities = engine.probabilities(image)
-        best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        result = {
-            "digit": engine.classes[best],
-            "index": best,
-            "probabilities": probabilities,
-            "classes": engine.classes,
-            "input": image.tolist(),
-            "features": None,
-        }
-        if want_features:
-            if engine.has_features:
-                result["features"] = engine.features(image)
-            else:
-                result["note"] = f"feature maps are not available with the {backend} backend"
-        return result
-
-    body_doc = {
-        "required": True,
-        "content": {
-            "application/json": {"schema": PixelsRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-
-    @app.post(
-        "/api/predict",
-        response_model=PredictResponse,
-        openapi_extra={"requestBody": body_doc},
-        responses={
-            400: {"description": "an image without a readable digit (blank, broken, a bomb) or bad JSON"},
-            413: {"description": f"body over {MAX_BODY_BYTES:,} bytes"},
-            415: {"description": "not an image, or an unsupported content type"},
-            422: {"description": "JSON or query parameters of the wrong shape"},
-        },
-    )
-    async def predict(
-        request: Request,
-        features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
-        invert: Annotated[
-            Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
-        ] = "auto",
-    ) -> JSONResponse:
-        """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
-        `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        raw = False
-        if kind == "application/json":
-            try:
-                body = PixelsRequest.model_validate_json(await request.body())
-            except ValidationError as e:
-                first = e.errors()[0]
-                if first["type"] == "json_invalid":
-                    raise HTTPException(400, f"body: not valid JSON ({first['msg']})") from None
-                where = ".".join(str(part) for part in first["loc"]) or "body"
-                raise HTTPException(422, f"{where}: {first['msg']}") from None
-            source, raw = np.asarray(body.pixels, dtype=np.uint8), not body.preprocess
-            features = features or body.features
-        elif kind == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=10)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
-            source = await upload.read()
-        elif kind.startswith(IMAGE_TYPES):
-            source = await request.body()
-        else:
-            raise HTTPException(
-                415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON"
-            )
-        pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
-        if pixels is None:
-            raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
-        # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
-        # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
-        if pixels <= INLINE_MAX_PIXELS and not features:
-            result = answer(source, invert, features, raw)
-        else:
-            limiter = large_images if pixels > LARGE_PIXELS else None
-            result = await anyio.to_thread.run_sync(answer, source, invert, features, raw, limiter=limiter)
-        return Response(orjson.dumps(result), media_type="application/json")
-
-    @app.get("/api/model", response_model=ModelFacts)
-    def model_facts() -> dict:
-        """What is being served: architecture, parameter count, dataset, test accuracy, classes."""
-        return facts
-
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok"}
-
-    def page(route: str) -> None:
-        content, kind = pages[route]
-
-        @app.get(route, include_in_schema=False)
-        def serve_page() -> Response:
-            return Response(content, media_type=kind, headers=PAGE_HEADERS)
-
-    for route in pages:
-        page(route)
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon() -> Response:
-        return Response(status_code=204)
-
+    app.state.served = served
+    app.include_router(router)
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     return app
 
@@ -378,35 +499,108 @@ class _BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, from its Content-Length or as it streams.
 
     Past the limit, reading the body raises HTTPException(413), which the app's handler turns into JSON.
+    That answer goes out at once and closes the connection, but only after the rest of the body has been
+    read and dropped (_discard): closing a socket with unread bytes makes the kernel reset the connection,
+    and a client that sends its whole body before reading (urllib, most scripts) then sees the reset
+    instead of the 413.
     """
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        from starlette.exceptions import HTTPException
-        from starlette.responses import JSONResponse
-
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            status, message = (413, self._too_large()) if declared.isdigit() else (400, "bad Content-Length")
-            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
-        seen = 0
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            return await _error(400, "bad Content-Length")(scope, receive, send)
+        seen, refused = 0, False
+        # a client waiting for "100 Continue" sends nothing more; a body too large to read is not read
+        discard = (
+            headers.get(b"expect", b"").lower() != b"100-continue" and int(declared or 0) <= DISCARD_BYTES
+        )
 
         async def counted() -> dict:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                refused = True
                 raise HTTPException(413, self._too_large())
             return message
 
-        await self.app(scope, counted, send)
+        async def answer(message: dict) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif refused and message["type"] == "http.response.body" and not message.get("more_body"):
+                await send({**message, "more_body": True})  # the whole answer, as Content-Length says
+                if discard:
+                    await _discard(receive, seen)
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        if declared is not None and int(declared) > self.limit:
+            refused = True
+            return await _error(413, self._too_large())(scope, receive, answer)
+        await self.app(scope, counted, answer)
 
     def _too_large(self) -> str:
         return f"body: more than {self.limit:,} bytes"
+
+
+async def _discard(receive: Any, seen: int) -> None:
+    """Read and drop the rest of a refused body: to its end, DISCARD_BYTES in all, or DISCARD_SECONDS."""
+    with anyio.move_on_after(DISCARD_SECONDS):
+        while seen <= DISCARD_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
+
+
+class _PairedWrites:
+    """A transport that sends each write together with the next one, or alone once the event loop has run
+    what was ready: uvicorn writes an answer's head and its body separately, and each send costs the server
+    a system call and wakes the client once more."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = bytes(data)
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            held, self._held = self._held, None
+            self._transport.write(held + data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _HttpProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools', or h11's without it), its writes paired (_PairedWrites)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(_PairedWrites(transport))
+
+
+UVICORN_OPTIONS = {"http": _HttpProtocol, "log_level": "warning"}  # how `serve` runs uvicorn (and tests)
 
 
 _WORKER_ENV = "LENET_SERVE_MODEL"  # how `serve` tells its worker processes what to load: JSON [path, backend]
@@ -438,8 +632,6 @@ def serve(
     workers > 1 runs that many server processes on one port (uvicorn's supervisor; the kernel spreads the
     connections), each with its own copy of the model: up to workers times the requests/s on as many CPUs.
     """
-    import uvicorn
-
     if workers < 1:
         raise LenetError(f"--workers: expected 1 or more, got {workers}")
     os.environ[_WORKER_ENV] = json.dumps([str(checkpoint_path), backend])
@@ -449,4 +641,4 @@ def serve(
         _open_model(Path(checkpoint_path), backend)  # a bad file fails here, once, not in every worker
         app = "lenet.serve:_worker_app"
     print(f"lenet: serving {checkpoint_path} on http://{host}:{port}/ ({workers} worker(s))", flush=True)
-    uvicorn.run(app, factory=workers > 1, workers=workers, host=host, port=port, log_level="warning")
+    uvicorn.run(app, factory=workers > 1, workers=workers, host=host, port=port, **UVICORN_OPTIONS)

@@ -1,19 +1,27 @@
 """The drawing page in real headless Chromium: draw with the mouse, read the answer off the page.
 
+The page tags the answer it shows (#answer) with the number of strokes finished when its request was sent,
+and replaces it as a whole: a test waits for the answer to its last stroke, then reads all of that answer
+at once. The answer records how long after the pen lifted it was shown.
+
 Uses the system's Chromium (Debian's `chromium` package); Playwright never downloads a browser here.
 Set LENET_SCREENSHOT_DIR to keep a copy of the screenshots outside pytest's temporary folder.
 """
 
+import base64
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+PEN_UP_TO_ANSWER_MS = 150  # one request of a few tens of ms, and the page's own work, with room to spare
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -35,9 +43,9 @@ def server_url(modern_checkpoint: Path) -> Iterator[str]:
     """The app under uvicorn in a thread, on 127.0.0.1 and a port the OS picks."""
     import uvicorn
 
-    from lenet.serve import create_app
+    from lenet.serve import UVICORN_OPTIONS, create_app
 
-    config = uvicorn.Config(create_app(modern_checkpoint), host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(create_app(modern_checkpoint), host="127.0.0.1", port=0, **UVICORN_OPTIONS)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -93,13 +101,39 @@ def stroke(page, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
-def shown_answer(page) -> tuple[str, list[float], list[float]]:
-    """(digit, probabilities behind the bars, percentages as printed) once an answer is on the page."""
-    page.wait_for_selector("#probabilities li.best")
-    rows = page.locator("#probabilities li")
-    probabilities = [float(rows.nth(i).get_attribute("data-probability")) for i in range(rows.count())]
-    printed = [float(t.rstrip("%")) for t in page.locator("#probabilities .value").all_text_contents()]
-    return page.locator("#digit").text_content(), probabilities, printed
+def shown_answer(page, strokes: int) -> dict:
+    """The answer to the request sent when stroke number `strokes` (since the page loaded) ended, once it is
+    on the page, read in one go: digit, probabilities behind the bars, percentages as printed, the number of
+    feature maps drawn, ms from the pen lifting to the answer being shown."""
+    answer = page.locator(f'#answer[data-strokes="{strokes}"]')
+    answer.wait_for()  # a locator wait, which the page's CSP allows
+    return answer.evaluate(
+        """(answer) => {
+          const rows = [...answer.querySelectorAll("#probabilities li")];
+          const rgba = answer.querySelector("#input").getContext("2d").getImageData(0, 0, 28, 28).data;
+          const grey = Array.from(rgba).filter((v, i) => i % 4 === 0);
+          return {
+            request: Number(answer.dataset.request),
+            digit: answer.querySelector("#digit").textContent,
+            probabilities: rows.map((li) => Number(li.dataset.probability)),
+            printed: rows.map((li) => parseFloat(li.querySelector(".value").textContent)),
+            best: rows.filter((li) => li.classList.contains("best")).length,
+            input: Array.from({length: 28}, (_, y) => grey.slice(28 * y, 28 * (y + 1))),
+            conv1: answer.querySelectorAll("#conv1 canvas").length,
+            conv2: answer.querySelectorAll("#conv2 canvas").length,
+            msAfterPenUp: Number(answer.dataset.msAfterPenUp),
+          };
+        }"""
+    )
+
+
+def assert_read(answer: dict, digit: str) -> None:
+    assert answer["digit"] == digit, answer
+    assert len(answer["probabilities"]) == 10 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
+    assert sum(answer["printed"]) == pytest.approx(100, abs=1.0)  # ten values rounded to 0.1%
+    assert answer["best"] == 1
+    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
+    print(f"{digit}: shown {answer['msAfterPenUp']} ms after the pen lifted")
 
 
 def save_screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -119,28 +153,49 @@ def test_drawn_digits_are_read(browser, server_url: str, tmp_path: Path) -> None
     assert "modern" in facts and "mnist" in facts and "test accuracy" in facts
 
     stroke(page, [(0.5, 0.15), (0.5, 0.85)])  # a 1: one vertical stroke
-    digit, probabilities, printed = shown_answer(page)
-    assert digit == "1"
-    assert len(probabilities) == 10 and sum(probabilities) == pytest.approx(1, abs=1e-4)
-    assert sum(printed) == pytest.approx(100, abs=1.0)  # ten values rounded to 0.1%
-    assert page.locator("#conv1 canvas").count() == 6
-    assert page.locator("#conv2 canvas").count() == 16
+    one = shown_answer(page, strokes=1)
+    assert_read(one, "1")
+    assert (one["conv1"], one["conv2"]) == (6, 16)
     # the 28x28 input as the network saw it holds ink: white pixels on black
-    ink = page.evaluate(
-        "() => Array.from(document.querySelector('#input').getContext('2d')"
-        ".getImageData(0, 0, 28, 28).data).filter((v, i) => i % 4 == 0 && v > 128).length"
-    )
-    assert 20 < ink < 300
+    assert 20 < sum(v > 128 for row in one["input"] for v in row) < 300
     save_screenshot(page, tmp_path, "draw-1.png")
 
     page.click("#clear")
     assert page.locator("#digit").text_content() == "?"
     assert page.locator("#probabilities li.best").count() == 0
     stroke(page, [(0.22, 0.2), (0.78, 0.2), (0.42, 0.88)])  # a 7: top bar, then the diagonal
-    digit, probabilities, _ = shown_answer(page)
-    assert digit == "7"
-    assert sum(probabilities) == pytest.approx(1, abs=1e-4)
+    seven = shown_answer(page, strokes=2)
+    assert_read(seven, "7")
+    assert seven["request"] > one["request"]
     save_screenshot(page, tmp_path, "draw-7.png")
+    assert problems == []
+
+
+def test_the_answer_shown_is_to_the_drawing_as_it_ends(browser, server_url: str) -> None:
+    """Strokes drawn one after another without a pause (requests overtaken by newer ones, answers arriving
+    while the next stroke is drawn): what is shown at the end is the server's answer to the final drawing."""
+    page, problems = open_page(browser, server_url, viewport={"width": 1100, "height": 900})
+    strokes = [
+        [(0.3, 0.15), (0.25, 0.55), (0.75, 0.55)],  # a 4: the open side and the bar
+        [(0.6, 0.2), (0.6, 0.9)],  # its stem
+        [(0.62, 0.3), (0.58, 0.7)],  # the stem again, a little thicker
+    ]
+    for points in strokes:
+        stroke(page, points)
+    answer = shown_answer(page, strokes=len(strokes))
+    drawing = page.evaluate("() => document.querySelector('#pad').toDataURL('image/png')")
+    post = urllib.request.Request(
+        f"{server_url}api/predict",
+        data=base64.b64decode(drawing.split(",", 1)[1]),
+        headers={"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(post, timeout=30) as response:
+        expected = json.loads(response.read())
+    assert answer["input"] == expected["input"]
+    assert answer["digit"] == expected["digit"]
+    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
+    print(f"{answer['digit']}: shown {answer['msAfterPenUp']} ms after the pen lifted")
     assert problems == []
 
 
@@ -164,7 +219,6 @@ def test_phone_viewport(browser, server_url: str, tmp_path: Path) -> None:
     pad = page.locator("#pad").bounding_box()
     assert 300 <= pad["width"] <= 390 and abs(pad["width"] - pad["height"]) < 1
     stroke(page, [(0.5, 0.15), (0.5, 0.85)])
-    digit, probabilities, _ = shown_answer(page)
-    assert digit == "1" and sum(probabilities) == pytest.approx(1, abs=1e-4)
+    assert_read(shown_answer(page, strokes=1), "1")
     save_screenshot(page, tmp_path, "phone.png")
     assert problems == []

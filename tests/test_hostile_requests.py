@@ -11,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +314,47 @@ def test_the_server_still_answers_after_the_fuzz(client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     good = encode(stroke((40, 50), 0), "PNG")
     assert assert_answer(client.post("/api/predict", content=good, headers={"content-type": "image/png"}))
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_the_api_answers_as_its_own_schema_says(client, mode: str) -> None:
+    """schemathesis, from /openapi.json: requests that fit the schema (positive) and requests that break it
+    (negative), for every operation that takes any input. Every answer must be a documented status, with
+    the documented content type and body (errors included); never a 500; and what breaks the schema is
+    refused."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi import checks
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    generation = schemathesis.GenerationMode(mode)
+    answer_checks = [
+        not_a_server_error,
+        checks.status_code_conformance,
+        checks.content_type_conformance,
+        checks.response_headers_conformance,
+        checks.response_schema_conformance,
+        checks.negative_data_rejection,
+    ]
+    answers: Counter = Counter()
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {operation.label for operation in operations} == {
+        "POST /api/predict",
+        "GET /api/model",
+        "GET /healthz",
+    }
+    for operation in operations:
+        if not generation.is_positive and not (operation.query or operation.body):
+            continue  # nothing there to break
+
+        @settings(FUZZ, max_examples=200)
+        @given(case=operation.as_strategy(generation))
+        def call(case) -> None:
+            response = case.call_and_validate(checks=answer_checks)
+            answers[f"{case.method} {case.path} {case.media_type or ''} HTTP {response.status_code}"] += 1
+
+        call()
+    print(f"\n{mode}:", dict(sorted(answers.items())))
 
 
 meta_values = st.one_of(

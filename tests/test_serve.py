@@ -100,6 +100,12 @@ def test_openapi_schema_without_cdn_docs(client) -> None:
     body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data", "image/*"}
     assert set(body["application/json"]["schema"]["properties"]) == {"pixels", "preprocess", "features"}
+    errors = schema["paths"]["/api/predict"]["post"]["responses"]
+    for status in ("400", "413", "415", "422"):  # documented as they are sent: {"error": "one line"}
+        assert errors[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    assert schema["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
     assert {"/api/model", "/healthz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
     assert client.get("/redoc").status_code == 404
@@ -138,6 +144,8 @@ def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, mod
     expected = predict(model, pixels[None], **meta["normalization"])[0].tolist()
     assert answer["probabilities"] == pytest.approx(expected, abs=1e-6)
     assert set(answer["features"]) == {"conv1", "conv2"}
+    as_floats = client.post("/api/predict", json={"pixels": pixels.astype(float).tolist()}).json()
+    assert as_floats["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-6)  # 7.0: an integer
 
     # preprocess: true crops and centres them like an upload: a digit drawn in a corner moves to the middle
     corner = np.zeros((28, 28), np.uint8)
@@ -145,6 +153,40 @@ def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, mod
     moved = client.post("/api/predict", json={"pixels": corner.tolist(), "preprocess": True}).json()
     rows, cols = np.nonzero(np.asarray(moved["input"]))
     assert 10 <= rows.mean() <= 18 and 10 <= cols.mean() <= 18
+
+
+def test_requests_ready_together_share_a_forward_pass(
+    app, client, mnist_test: data.Dataset, monkeypatch
+) -> None:
+    """Requests in flight at once are answered from one batched forward pass, each with its own answer."""
+    import asyncio
+
+    import httpx
+
+    blobs = [png(pixels) for pixels in mnist_test.test_images[:12].numpy()]
+    alone = [post_image(client, blob).json() for blob in blobs]
+    batcher, sizes = app.state.served.batcher, []
+    forward = batcher.probabilities_of
+
+    def counted(images):
+        sizes.append(len(images))
+        return forward(images)
+
+    monkeypatch.setattr(batcher, "probabilities_of", counted)
+
+    async def all_at_once() -> list:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lenet") as together:
+            posts = (
+                together.post("/api/predict", content=b, headers={"content-type": "image/png"}) for b in blobs
+            )
+            return await asyncio.gather(*posts)
+
+    answers = [response.json() for response in asyncio.run(all_at_once())]
+    assert sum(sizes) == len(blobs) and max(sizes) > 1
+    for one, batched in zip(alone, answers, strict=True):
+        assert batched["digit"] == one["digit"] and batched["input"] == one["input"]
+        assert batched["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -166,21 +208,13 @@ def test_bodies_over_the_limit_get_413(client) -> None:
 
 
 def test_reading_stops_at_the_limit(app) -> None:
-    """At the ASGI level: a streamed body is refused after the chunk that passes the limit, not at its end."""
+    """At the ASGI level: a streamed body is refused after the chunk that passes the limit, not at its end;
+    the rest is then read and dropped (to its end, or DISCARD_BYTES in all) before the answer completes."""
     import asyncio
 
-    from lenet.serve import MAX_BODY_BYTES
+    from lenet.serve import DISCARD_BYTES, MAX_BODY_BYTES
 
-    chunk, chunks = 64 * 1024, 64
-    read, sent = [], []
-
-    async def receive() -> dict:
-        read.append(chunk)
-        return {"type": "http.request", "body": bytes(chunk), "more_body": len(read) < chunks}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
+    chunk = 64 * 1024
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -195,9 +229,33 @@ def test_reading_stops_at_the_limit(app) -> None:
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
-    asyncio.run(app(scope, receive, send))
-    assert sent[0]["status"] == 413
-    assert sum(read) == MAX_BODY_BYTES + chunk  # one chunk past the limit, then no more
+
+    def refuse(chunks: int | None) -> tuple[int, int, list[dict]]:
+        """(bytes read when the answer started, bytes read in all, the messages sent) for a body of
+        `chunks` chunks (None: without end)."""
+        read, sent, answered_at = [], [], []
+
+        async def receive() -> dict:
+            read.append(chunk)
+            return {
+                "type": "http.request",
+                "body": bytes(chunk),
+                "more_body": chunks is None or len(read) < chunks,
+            }
+
+        async def send(message: dict) -> None:
+            answered_at.append(sum(read))
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        return answered_at[0], sum(read), sent
+
+    answered_at, read, sent = refuse(64)
+    assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+    assert answered_at == MAX_BODY_BYTES + chunk  # one chunk past the limit
+    assert read == 64 * chunk and not sent[-1].get("more_body")  # then the rest, dropped, and the end
+    answered_at, read, _ = refuse(None)
+    assert answered_at == MAX_BODY_BYTES + chunk and read == DISCARD_BYTES + chunk
 
 
 def test_non_images_get_415(client) -> None:
@@ -228,6 +286,11 @@ def test_unusable_images_get_400(client) -> None:
         ({"pixels": [[0] * 28] * 27 + [[0] * 27 + [256]]}, "pixels.27.27"),
         ({"pixels": [[-1] * 28] * 28}, "pixels.0.0"),
         ({"pixels": [["a"] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [["7"] * 28] * 28}, "pixels.0.0"),  # what the schema calls an integer, and nothing else
+        ({"pixels": [[True] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [[7.5] * 28] * 28}, "pixels.0.0"),
+        ({"pixels": [[0] * 28] * 28, "preprocess": 1}, "preprocess"),
+        ({"pixels": [[0] * 28] * 28, "features": "yes"}, "features"),
         ({"pixels": "0" * 784}, "pixels"),
         ({"pixels": [[0] * 28] * 28, "feature": True}, "feature"),
         ({"image": []}, "pixels"),
@@ -365,6 +428,52 @@ def test_several_workers_share_the_port_and_answer(mnist_test: data.Dataset) -> 
             answer = connection.getresponse()
             assert answer.status == 200 and json.loads(answer.read())["digit"] in mnist_test.classes
             connection.close()
+
+
+# `pip install -e .` without extras: the import system finds none of the packages named in argv[1]
+WITHOUT_SERVE_EXTRA = """
+import sys
+
+MISSING = set(sys.argv[1].split(","))
+
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Missing())
+from lenet.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("missing", "needed"),
+    [
+        ("fastapi,starlette,anyio,uvicorn,orjson,python_multipart,multipart,httptools,uvloop", "fastapi"),
+        ("uvicorn", "uvicorn"),
+        ("orjson", "orjson"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "bench serve"])
+def test_without_the_serve_extra_one_line_names_it(
+    tmp_path: Path, missing: str, needed: str, command: str
+) -> None:
+    import subprocess
+    import sys
+
+    args = ["serve", str(tmp_path / "best.safetensors")] if command == "serve" else ["bench", "serve"]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SERVE_EXTRA, missing, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"lenet: error: lenet {command} needs {needed}: pip install 'lenet[serve]'\n"
 
 
 def test_workers_must_be_positive(modern_checkpoint: Path) -> None:

@@ -1,13 +1,18 @@
 """`lenet serve` as it runs (uvicorn in its own process, on 127.0.0.1) under hostile clients over raw sockets:
 bodies that trickle in or never end, bodies over the limit, many large uploads at once, and a soak of 32
-clients mixing good and bad requests for 60 s. The server keeps answering and its memory stays bounded."""
+clients mixing good and bad requests for 60 s. The server keeps answering and its memory stays bounded.
+Clients that send a whole oversized body before reading (urllib, raw sockets) get their 413, and one that
+never stops sending is cut off within the server's caps (uvicorn in a thread here, on port 0)."""
 
 import asyncio
 import io
 import json
 import os
 import socket
+import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lenet import bench, data
+from lenet import bench, checkpoint, data
 
 pytest.importorskip("uvicorn")
 
@@ -250,3 +255,122 @@ def test_soak_32_clients_for_a_minute(server) -> None:
     assert outcomes["good", "right"] > 0 and outcomes["bad", "right"] > 0
     assert end_mb - start_mb < SOAK_RSS_MARGIN_MB
     assert healthy(server.port)
+
+
+# ---- oversized bodies from clients that send before they read --------------------------------------------
+
+OVERSIZED = 5_000_000
+
+
+@pytest.fixture(scope="module")
+def local_port() -> Iterator[int]:
+    """The app (a `modern` checkpoint with fresh weights) under uvicorn in a thread, run as `lenet serve` runs
+    it, on 127.0.0.1 and a port the OS picks."""
+    import torch
+    import uvicorn
+
+    from lenet.models import build
+    from lenet.serve import UVICORN_OPTIONS, create_app
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "modern.safetensors"
+        meta = {
+            "model": {"name": "modern", "kwargs": {}},
+            "normalization": {"mean": data.MNIST_MEAN, "std": data.MNIST_STD},
+            "input_shape": [1, 28, 28],
+            "dataset": "mnist",
+            "classes": CLASSES,
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            checkpoint.save(path, build("modern").eval(), meta)
+        app = create_app(path)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **UVICORN_OPTIONS))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield server.servers[0].sockets[0].getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_urllib_sees_the_413_of_an_oversized_upload(local_port: int) -> None:
+    """urllib sends the whole body (and `Connection: close`) before it reads the answer."""
+    for _ in range(3):
+        post = urllib.request.Request(
+            f"http://127.0.0.1:{local_port}/api/predict",
+            data=bytes(OVERSIZED),
+            headers={"Content-Type": "image/png"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(post, timeout=30)
+        assert refused.value.code == 413 and "bytes" in json.loads(refused.value.read())["error"]
+    assert healthy(local_port)
+
+
+def test_a_socket_that_sends_a_whole_oversized_body_then_reads_gets_the_413(local_port: int) -> None:
+    raw = request("image/png", bytes(OVERSIZED), f"Content-Length: {OVERSIZED}\r\nConnection: close\r\n")
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", local_port)) as sock:
+            sock.sendall(raw)  # all of it: a reset connection fails here or in the read
+            status, answer = read_response(sock)
+            assert status == 413 and "bytes" in answer["error"]
+    assert healthy(local_port)
+
+
+@pytest.mark.parametrize("pace", ["flat out", "trickle"])
+def test_a_body_that_never_ends_is_cut_off_within_the_caps(local_port: int, pace: str) -> None:
+    """A chunked body sent without end on a kept-alive connection, flat out (the byte cap stops it) or a few
+    KB at a time (the time cap does): the 413 comes at once, the connection closes within DISCARD_SECONDS,
+    and other clients are answered meanwhile."""
+    from lenet.serve import DISCARD_SECONDS
+
+    sock = socket.create_connection(("127.0.0.1", local_port))
+    sock.sendall(request("image/png", b"", "Transfer-Encoding: chunked\r\n"))
+    size, pause = (1 << 16, 0.0) if pace == "flat out" else (4096, 0.01)
+    chunk = b"%x\r\n" % size + bytes(size) + b"\r\n"
+    stopped = threading.Event()
+
+    def send_forever() -> None:
+        try:
+            while not stopped.is_set():
+                sock.sendall(chunk)
+                time.sleep(pause)
+        except OSError:
+            pass  # cut off
+
+    sender = threading.Thread(target=send_forever, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    try:
+        status, answer = read_response(sock)
+        assert status == 413 and "bytes" in answer["error"]
+        assert healthy(local_port)
+        sock.settimeout(DISCARD_SECONDS + 30)
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass  # closed while bytes were still arriving: the kernel resets
+        assert time.monotonic() - started < DISCARD_SECONDS + 30
+    finally:
+        stopped.set()
+        sock.close()
+        sender.join(timeout=10)
+    assert healthy(local_port)
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_at_once(local_port: int) -> None:
+    """It sends no body until told to: the 413 comes instead of "100 Continue", and the connection closes
+    without waiting for a body."""
+    from lenet.serve import DISCARD_SECONDS
+
+    with socket.create_connection(("127.0.0.1", local_port)) as sock:
+        sock.sendall(request("image/png", b"", f"Content-Length: {OVERSIZED}\r\nExpect: 100-continue\r\n"))
+        status, answer = read_response(sock)
+        assert status == 413 and "bytes" in answer["error"]
+        sock.settimeout(DISCARD_SECONDS / 2)
+        assert sock.recv(1) == b""

@@ -1,22 +1,32 @@
-// Draw a digit: strokes on the canvas go to POST /api/predict as PNG (debounced while drawing);
-// the answer fills the bars, the 28x28 input and the feature maps. No libraries, no network beyond this server.
+// Draw a digit: the canvas goes to POST /api/predict as PNG while drawing (debounced) and the moment the pen
+// lifts. Each answer (the digit, the ten probabilities, the 28x28 input, the feature maps) is built off the
+// page and replaces the one shown in one step, tagged with the request it answers. No libraries, no network
+// beyond this server.
 "use strict";
 
 const DEBOUNCE_MS = 120;
 const STROKE = 0.075; // pen width as a fraction of the canvas side (MNIST strokes: ~2 of 20 pixels)
+const CLASSES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
 const errorBox = document.getElementById("error");
-const digitOut = document.getElementById("digit");
-const confidenceOut = document.getElementById("confidence");
-const bars = document.getElementById("probabilities");
+const spoken = document.getElementById("spoken");
+const emptyAnswer = document.getElementById("answer").cloneNode(true); // every answer is built from a copy
 
 let inked = false; // anything on the canvas worth sending
 let timer = null;
+let strokes = 0; // strokes finished since the page loaded
 let latest = 0; // id of the newest request: older answers arriving late are dropped
 let inFlight = null;
-let withFeatures = true;
+let facts = { feature_maps: true, backend: "" }; // from /api/model once it answers
+
+// What the page asks and how it shows the answer: reading one digit. (Another way of reading would be
+// another pair of these.)
+const reading = {
+  url: () => `api/predict?features=${facts.feature_maps}`,
+  render: renderDigit,
+};
 
 function showError(message) {
   errorBox.textContent = message;
@@ -35,14 +45,6 @@ function blank() {
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, pad.width, pad.height);
   inked = false;
-}
-
-function resetAnswer() {
-  digitOut.textContent = "?";
-  confidenceOut.textContent = "";
-  buildBars(null, null);
-  drawGrey(document.getElementById("input"), null);
-  for (const id of ["conv1", "conv2"]) document.getElementById(id).replaceChildren();
 }
 
 // ---- drawing -------------------------------------------------------------------------------------------
@@ -91,8 +93,12 @@ pad.addEventListener("pointermove", (event) => {
 
 function endStroke() {
   if (last === null) return;
+  const penUp = performance.now();
   last = null;
-  schedule(0);
+  strokes += 1;
+  pad.dataset.strokes = String(strokes);
+  clearTimeout(timer);
+  askAboutDrawing(penUp);
 }
 
 pad.addEventListener("pointerup", endStroke);
@@ -101,22 +107,37 @@ pad.addEventListener("pointercancel", endStroke);
 document.getElementById("clear").addEventListener("click", () => {
   clearTimeout(timer);
   latest += 1; // answers still on their way are for a drawing that is gone
+  if (inFlight) inFlight.abort();
   blank();
-  resetAnswer();
+  show(reading.render(null), 0, strokes, null);
   clearError();
 });
 
 // ---- asking the server ---------------------------------------------------------------------------------
 
-function schedule(delay = DEBOUNCE_MS) {
+function schedule() {
   clearTimeout(timer);
-  timer = setTimeout(() => {
-    if (inked) pad.toBlob((png) => ask(png, "image/png"), "image/png");
-  }, delay);
+  timer = setTimeout(() => askAboutDrawing(null), DEBOUNCE_MS);
 }
 
-async function ask(body, contentType) {
+// penUp: performance.now() when the pen lifted, for the request sent then (the answer records how long after
+// it it was shown); null while drawing.
+function askAboutDrawing(penUp) {
+  if (inked) ask(pngBytes(pad), "image/png", penUp);
+}
+
+// The canvas as PNG bytes, encoded now: toDataURL encodes at once, while toBlob's callback waits for the
+// browser's idle time, long after the pen has lifted.
+function pngBytes(canvas) {
+  const text = atob(canvas.toDataURL("image/png").split(",", 2)[1]);
+  const bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+  return bytes;
+}
+
+async function ask(body, contentType, penUp = null) {
   const id = ++latest;
+  const strokesSent = strokes;
   if (inFlight) inFlight.abort();
   const controller = new AbortController();
   inFlight = controller;
@@ -124,7 +145,7 @@ async function ask(body, contentType) {
   if (contentType) init.headers = { "Content-Type": contentType };
   let response;
   try {
-    response = await fetch(`api/predict?features=${withFeatures}`, init);
+    response = await fetch(reading.url(), init);
   } catch (err) {
     if (err.name !== "AbortError") showError(`No answer from the server: ${err.message}`);
     return;
@@ -133,7 +154,9 @@ async function ask(body, contentType) {
   try {
     answer = await response.json();
   } catch (err) {
-    if (id === latest) showError(`The server sent something that is not JSON (HTTP ${response.status})`);
+    if (id === latest && err.name !== "AbortError") {
+      showError(`The server sent something that is not JSON (HTTP ${response.status})`);
+    }
     return;
   }
   if (id !== latest) return;
@@ -142,17 +165,55 @@ async function ask(body, contentType) {
     return;
   }
   clearError();
-  show(answer);
+  show(reading.render(answer), id, strokesSent, penUp);
 }
 
 // ---- showing the answer --------------------------------------------------------------------------------
 
-function buildBars(classes, probabilities) {
-  const rows = (classes || ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]).map((name, i) => {
+// Puts view (a new #answer, not yet on the page) in the place of the one shown, in one step, tagged with
+// the request it answers (0: none) and the strokes finished when that was sent.
+function show(view, request, strokesSent, penUp) {
+  view.dataset.request = String(request);
+  view.dataset.strokes = String(strokesSent);
+  document.getElementById("answer").replaceWith(view);
+  if (penUp !== null) view.dataset.msAfterPenUp = (performance.now() - penUp).toFixed(1);
+  const digit = view.querySelector("#digit").textContent;
+  const sure = view.querySelector("#confidence").textContent;
+  spoken.textContent = digit === "?" ? "" : `It reads ${digit}, ${sure}`;
+}
+
+// A new #answer for a /api/predict answer (null: no answer yet), off the page.
+function renderDigit(answer) {
+  const view = emptyAnswer.cloneNode(true);
+  const part = (id) => view.querySelector(`#${id}`);
+  const p = answer ? answer.probabilities : null;
+  if (answer) {
+    part("digit").textContent = answer.digit;
+    part("confidence").textContent = `${(100 * p[answer.index]).toFixed(1)}% sure`;
+  }
+  const rows = answer ? bars(answer.classes, p, answer.index) : bars(CLASSES, null, -1);
+  part("probabilities").replaceChildren(...rows);
+  drawGrey(part("input"), answer ? answer.input : null);
+  if (answer && answer.features) {
+    drawMaps(part("conv1"), answer.features.conv1);
+    drawMaps(part("conv2"), answer.features.conv2);
+  }
+  part("features").hidden = !facts.feature_maps;
+  const missing = `Feature maps are not available with the ${facts.backend} backend.`;
+  const note = (answer && answer.note) || (facts.feature_maps ? "" : missing);
+  part("features-note").textContent = note;
+  part("features-note").hidden = !note;
+  return view;
+}
+
+// One row per class: its name, a bar and the percentage (all empty while probabilities is null).
+function bars(classes, probabilities, best) {
+  return classes.map((name, i) => {
     const p = probabilities ? probabilities[i] : 0;
     const li = document.createElement("li");
     li.dataset.class = name;
     li.dataset.probability = String(p);
+    if (i === best) li.classList.add("best");
     const label = document.createElement("span");
     label.textContent = name;
     const track = document.createElement("span");
@@ -168,25 +229,6 @@ function buildBars(classes, probabilities) {
     li.append(label, track, value);
     return li;
   });
-  bars.replaceChildren(...rows);
-}
-
-function show(answer) {
-  const p = answer.probabilities;
-  digitOut.textContent = answer.digit;
-  confidenceOut.textContent = `${(100 * p[answer.index]).toFixed(1)}% sure`;
-  buildBars(answer.classes, p);
-  bars.children[answer.index].classList.add("best");
-  drawGrey(document.getElementById("input"), answer.input);
-  const note = document.getElementById("features-note");
-  if (answer.features) {
-    drawMaps("conv1", answer.features.conv1);
-    drawMaps("conv2", answer.features.conv2);
-  }
-  if (answer.note) {
-    note.textContent = answer.note;
-    note.hidden = false;
-  }
 }
 
 // rows: 2-D array of numbers, shown as grey levels scaled so that `top` is white
@@ -213,17 +255,12 @@ function drawGrey(canvas, rows, top = 255) {
 }
 
 // maps: (count, h, w); each map is scaled by the layer's largest activation, so strengths compare
-function drawMaps(id, maps) {
-  const box = document.getElementById(id);
-  if (!maps) {
-    box.replaceChildren();
-    return;
-  }
+function drawMaps(box, maps) {
   const top = Math.max(...maps.map((m) => Math.max(...m.map((row) => Math.max(...row)))));
   const canvases = maps.map((m, i) => {
     const c = document.createElement("canvas");
     c.className = "pixels";
-    c.title = `${id} map ${i + 1}`;
+    c.title = `${box.id} map ${i + 1}`;
     drawGrey(c, m, top);
     return c;
   });
@@ -258,21 +295,17 @@ async function loadFacts() {
   const out = document.getElementById("model");
   try {
     const response = await fetch("api/model");
-    const facts = await response.json();
-    if (!response.ok) throw new Error(facts.error || `HTTP ${response.status}`);
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+    facts = answer;
     const parts = [`${facts.name}`];
     if (facts.parameters !== null) parts.push(`${facts.parameters.toLocaleString("en")} parameters`);
     if (facts.dataset) parts.push(`trained on ${facts.dataset}`);
     if (facts.test_accuracy !== null) parts.push(`test accuracy ${(100 * facts.test_accuracy).toFixed(2)}%`);
     parts.push(`${facts.backend} backend`);
     out.textContent = parts.join(" · ");
-    withFeatures = facts.feature_maps;
-    if (!facts.feature_maps) {
-      document.getElementById("features").hidden = true;
-      const note = document.getElementById("features-note");
-      note.textContent = `Feature maps are not available with the ${facts.backend} backend.`;
-      note.hidden = false;
-    }
+    const shown = document.getElementById("answer");
+    if (shown.dataset.request === "0") show(reading.render(null), 0, strokes, null); // with the facts' note
   } catch (err) {
     out.textContent = "";
     showError(`Could not read the model facts: ${err.message}`);
@@ -280,5 +313,5 @@ async function loadFacts() {
 }
 
 blank();
-resetAnswer();
+show(reading.render(null), 0, strokes, null);
 loadFacts();
