@@ -110,9 +110,8 @@ class _ClassicFeatures(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, workspace):
         lib, n = _lib, len(x)
         w1, b1, w2, b2 = (t.detach().contiguous() for t in (w1, b1, w2, b2))
-        blocks = (n + 7) // 8
         out = x.new_empty(n, 400)
-        s1, p1, s2 = _activations(workspace, blocks)
+        s1, p1, s2 = _activations(workspace, n)
         lib.lenet_forward(_ptr(x), n, *map(_ptr, (w1, b1, w2, b2, out, s1, p1, s2)), torch.get_num_threads())
         ctx.save_for_backward(x, w2, s1, p1, s2)
         return out
@@ -129,13 +128,15 @@ class _ClassicFeatures(torch.autograd.Function):
         return None, gw1.view(6, 1, 5, 5), gb1, gw2.view(16, 6, 5, 5), gb2, None
 
 
-def _activations(workspace: list[torch.Tensor] | None, blocks: int) -> list[torch.Tensor]:
-    """The saved-activation buffers (s1, p1, s2), reused from `workspace` when it has the right size.
+def _activations(workspace: list[torch.Tensor] | None, n: int) -> list[torch.Tensor]:
+    """The saved-activation buffers (s1, p1, s2) for n samples, reused from `workspace` when it has the
+    right size: (blocks, floats per block) each, a block holding as many samples as the kernel has lanes.
 
     Fresh multi-megabyte buffers every step cost about as much as the kernel's forward pass (page faults).
     A graph still holding the previous buffers gets autograd's clear in-place-modification error on
     backward (the empty in-place write below bumps their version), never silently wrong gradients.
     """
+    blocks = -(-n // _lib.lenet_sizes(4))
     if workspace is None:
         return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     if not workspace or len(workspace[0]) != blocks:
@@ -158,7 +159,7 @@ class _ModernFeatures(torch.autograd.Function):
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, bn1, bn2, workspace):
         lib, n, threads = _lib, len(x), torch.get_num_threads()
         w1, w2 = w1.detach().contiguous(), w2.detach().contiguous()
-        z1, p1, z2 = _activations(workspace, (n + 7) // 8)
+        z1, p1, z2 = _activations(workspace, n)
         stats1 = torch.empty(12, dtype=torch.float64)
         lib.modern_conv1(_ptr(x), n, _ptr(w1), _ptr(z1), _ptr(stats1), threads)
         scale1, shift1, norm1 = _batch_norm(stats1, n * 28 * 28, g1, b1, bn1)
