@@ -90,7 +90,8 @@ def load_extension() -> ctypes.CDLL | None:
         lib.modern_back_pool2.argtypes = [_P, i64, _P, _P, _P, _P, _P, threads]
         lib.modern_back_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, threads]
         lib.modern_back_conv1.argtypes = [_P, _P, i64, _P, _P, _P, threads]
-        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1"):
+        lib.modern_infer.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, threads]
+        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1", "infer"):
             getattr(lib, f"modern_{name}").restype = None
         f32 = ctypes.c_float
         lib.lenet5_sdlm_train.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, _P, f32, f32, f32, _P, _P]
@@ -286,9 +287,11 @@ class FastClassic(nn.Module):
 
 
 class FastModern(nn.Module):
-    """`modern` with the fused kernels in training mode; shares the wrapped model's parameters and buffers.
+    """`modern` with the fused kernels; shares the wrapped model's parameters and buffers.
 
-    In eval mode, and for inputs the kernels cannot handle, the plain model runs, so the result is always
+    In training mode the kernels normalise with the batch's statistics and update the running ones; in eval
+    mode without autograd (evaluation, prediction) they normalise with the running statistics. In eval mode
+    with autograd, and for inputs the kernels cannot handle, the plain model runs, so the result is always
     the model's function.
     """
 
@@ -301,13 +304,15 @@ class FastModern(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
         if (
-            not self.training
+            (not self.training and torch.is_grad_enabled())
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or x.shape[1:] != (1, 28, 28)
             or x.requires_grad
         ):
             return net(x)
+        if not self.training:
+            return self.head(_modern_infer(x.contiguous(), net))  # (N, 10)
         workspace = self._workspace if torch.is_grad_enabled() else None
         feats = _ModernFeatures.apply(  # (N, 400)
             x.contiguous(),
@@ -322,6 +327,22 @@ class FastModern(nn.Module):
             workspace,
         )
         return self.head(feats)  # (N, 10)
+
+
+def _modern_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
+    """(N, 1, 28, 28) -> (N, 400) in eval mode: each batch norm as y = z * scale + shift from its running
+    statistics."""
+    folded = []
+    for bn in (net.bn1, net.bn2):
+        scale = bn.weight.detach() * (bn.running_var + bn.eps).rsqrt()
+        folded += [scale, bn.bias.detach() - bn.running_mean * scale]
+    w1, w2 = net.conv1.weight.detach().contiguous(), net.conv2.weight.detach().contiguous()
+    feats = x.new_empty(len(x), 400)
+    _lib.modern_infer(
+        _ptr(x), len(x), _ptr(w1), *map(_ptr, folded[:2]), _ptr(w2), *map(_ptr, folded[2:]), _ptr(feats),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return feats
 
 
 def _same_layers(model: nn.Module, build) -> bool:

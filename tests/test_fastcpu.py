@@ -129,13 +129,23 @@ def test_modern_training_with_dropout_gives_the_plain_models_weights():
 
 
 @needs_ext
-def test_modern_in_eval_mode_is_the_plain_model():
-    model = _modern_with_trained_looking_norms(1)
+@pytest.mark.parametrize("batch", [1, 37, 300])
+def test_modern_in_eval_mode_computes_the_plain_models_function(batch, monkeypatch):
+    model = _modern_with_trained_looking_norms(batch)
+    with torch.no_grad():  # running statistics away from 0 and 1, so that folding them in matters
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
     fast = fastcpu.fast_forward(model).eval()
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randn(batch, 1, 28, 28) * 2
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
-    assert int(model.bn1.num_batches_tracked) == 0
+        expected = model(x)
+        with monkeypatch.context() as patch:  # the conv stages run in the kernel, not in the plain layers
+            patch.setattr(model.conv1, "forward", None)
+            torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
+    assert int(model.bn1.num_batches_tracked) == 0  # evaluation leaves the running statistics alone
+    fast(x).sum().backward()  # eval mode with autograd: the plain model, so gradients reach every weight
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_fallback_when_disabled_or_not_a_known_model(monkeypatch):

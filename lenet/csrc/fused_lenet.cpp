@@ -487,6 +487,26 @@ void modern_pool2(const float* z2, int64_t n, const float* scale2, const float* 
   }
 }
 
+// Inference (eval mode): x (n, 1, 28, 28) -> out (n, 400), each batch norm given as the per-channel scale
+// and shift its running statistics make of it; one block's scratch per thread, no activations kept.
+void modern_infer(const float* x, int64_t n, const float* w1, const float* scale1, const float* shift1,
+                  const float* w2, const float* scale2, const float* shift2, float* out, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<vf> X(X_SIZE), Z1(S1_SIZE), P1(P1_SIZE), Z2(S2_SIZE), P2(OUT);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      conv1(X.data(), w1, nullptr, [&](int c, int i, vf z) { Z1[c * 784 + i] = z; });
+      bn_relu_maxpool(Z1.data(), scale1, shift1, 6, 28, P1.data());
+      conv2(P1.data(), w2, nullptr, [&](int o, int i, vf z) { Z2[o * 100 + i] = z; });
+      bn_relu_maxpool(Z2.data(), scale2, shift2, 16, 10, P2.data());
+      store_features(P2.data(), b * L, n, out);
+    }
+  }
+}
+
 // Backward pass 1: grad (n, 400) -> dy2 (blocks, 16*10*10*L), the gradient at batch norm 2's output;
 // sums (32 doubles): per channel sum of dy and of dy * z2.
 void modern_back_pool2(const float* grad, int64_t n, const float* z2, const float* scale2,
