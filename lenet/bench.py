@@ -2,8 +2,9 @@
 
 `train`: the tutorial's loop (a per-sample Dataset that makes a PIL image, resizes it and converts it to
 a float tensor, as torchvision's Resize + ToTensor do; a DataLoader with batch 256 and shuffle; Adam)
-against ours (batches sliced from in-memory uint8 tensors, normalised per batch, channels-last), both
-training `classic` at batch 256 on real MNIST, plus our evaluation throughput.
+against ours (batches sliced from in-memory uint8 tensors, normalised per batch, the fused CPU kernels),
+both training `classic` at batch 256 on real MNIST; `classic` and `modern` trained and evaluated as fit
+does; the fraction of torch.mm's FLOP rate that training reaches, both measured in the same run.
 
 `export`: single-image latency and batch throughput of ONNX Runtime (fp32 and int8) against PyTorch, for
 `classic` and `modern`, on the same number of threads.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import socket
 import subprocess
@@ -77,43 +79,79 @@ def _tutorial_images_per_s(dataset, steps: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def _ours_images_per_s(dataset, steps: int) -> float:
-    from lenet import data
-    from lenet.models import classic
-    from lenet.train import fast_cpu_module, train_step
+def _ours_images_per_s(dataset, steps: int, name: str = "classic", batch: int = BATCH, recipe: bool = False):
+    """Our loop: batches sliced from the in-memory uint8 tensors, through train_step and the fused kernels.
+
+    recipe: the model's default recipe as fit runs it (optimizer, peak learning rate, distortions);
+    otherwise Adam at lr 1e-3 without distortions, as the tutorial loop trains.
+    """
+    from lenet import augment, data
+    from lenet.models import build
+    from lenet.train import TrainConfig, fast_cpu_module, make_optimizer, train_step
 
     torch.manual_seed(0)
-    model = classic().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build(name)
+    cfg = TrainConfig.for_model(name, batch_size=batch)
+    optimizer = make_optimizer(cfg, model) if recipe else torch.optim.Adam(model.parameters(), lr=1e-3)
+    distortion = cfg.augment if recipe else "none"
     model = fast_cpu_module(model)
     generator = torch.Generator().manual_seed(0)
     mean, std = data.MNIST_MEAN, data.MNIST_STD
     batches = data.batches(
-        dataset.train_images, dataset.train_labels, BATCH, shuffle=True, generator=generator
+        dataset.train_images, dataset.train_labels, batch, shuffle=True, generator=generator, drop_last=True
     )
     seen, started = 0, 0.0
     for step, (images, labels) in enumerate(batches):
-        if step == 2:
+        if step == 2:  # the first steps pay one-off start-up costs
             started, seen = time.perf_counter(), 0
         if step == steps + 2:
             break
-        train_step(model, optimizer, images, labels, mean, std, torch.channels_last)
+        images = augment.apply(distortion, images, generator)
+        train_step(model, optimizer, images, labels, mean, std)
         seen += len(labels)
     return seen / (time.perf_counter() - started)
 
 
-def _eval_images_per_s(dataset, repeats: int) -> float:
+def _eval_images_per_s(dataset, repeats: int, name: str) -> float:
+    """Test-set images/s of the model as fit evaluates it: eval mode, through the fused kernels."""
     from lenet import data
     from lenet.evaluate import predict_logits
-    from lenet.models import classic
+    from lenet.models import build
     from lenet.train import fast_cpu_module
 
-    model = fast_cpu_module(classic().to(memory_format=torch.channels_last)).eval()  # as fit evaluates
+    model = fast_cpu_module(build(name)).eval()
     predict_logits(model, dataset.test_images[:2000], data.MNIST_MEAN, data.MNIST_STD)
     started = time.perf_counter()
     for _ in range(repeats):
         predict_logits(model, dataset.test_images, data.MNIST_MEAN, data.MNIST_STD)
     return repeats * len(dataset.test_images) / (time.perf_counter() - started)
+
+
+def _forward_macs(name: str) -> int:
+    """Multiply-adds of one image's forward pass through the model's convolutions and linear layers."""
+    from lenet.models import build, layer_table
+
+    model = build(name)
+    macs = 0
+    for layer_name, shape, _ in layer_table(model):
+        layer = getattr(model, layer_name)
+        if isinstance(layer, torch.nn.Conv2d):
+            macs += math.prod(shape) * layer.weight[0].numel()  # output elements x weights each one reads
+        elif isinstance(layer, torch.nn.Linear):
+            macs += layer.in_features * layer.out_features
+    return macs
+
+
+def _matmul_gflop_s(size: int = 2048, repeats: int = 4) -> float:
+    """fp32 GFLOP/s of torch.mm on two size x size matrices at the current thread count, best of repeats."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
@@ -144,14 +182,22 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
 
 
 def bench_train(steps: int = 60, rounds: int = 2) -> dict:
-    """Images/s of the tutorial loop and of ours on `classic`, batch 256; best of alternating rounds."""
+    """Images/s of the tutorial loop and of ours on `classic` at batch 256 (best of alternating rounds);
+    `classic` and `modern` as fit trains them (their recipes) and evaluates them; the FLOP rate training
+    reaches against torch.mm's in the same run; lenet5-1998's fused SDLM kernel against the plain loop."""
     from lenet import data
+    from lenet.train import RECIPES
 
     dataset = data.load("mnist")
     baseline, ours = [], []
+    recipe: dict[str, list[float]] = {"classic": [], "modern": []}
+    matmul = [_matmul_gflop_s()]
     for _ in range(rounds):  # alternate, so a noisy moment hurts both sides alike
         baseline.append(_tutorial_images_per_s(dataset, steps))
         ours.append(_ours_images_per_s(dataset, steps))
+        for name, rates in recipe.items():
+            rates.append(_ours_images_per_s(dataset, steps, name, RECIPES[name]["batch_size"], recipe=True))
+    matmul.append(_matmul_gflop_s())
     result = {
         "suite": "train",
         "model": "classic",
@@ -161,10 +207,22 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
         "images_per_s": round(max(ours), 1),
     }
     result["speedup"] = round(result["images_per_s"] / result["baseline_images_per_s"], 2)
-    result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats=max(1, steps // 20)), 1)
+    repeats = max(1, steps // 20)
+    result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "classic"), 1)
+    result["matmul_gflop_s"] = round(max(matmul), 1)
+    # training FLOPs per image: forward and backward, about 3 forward passes of 2 FLOPs per multiply-add
+    train_flop = 6 * _forward_macs("classic")
+    result["train_mflop_per_image"] = round(train_flop / 1e6, 3)
+    result["train_gflop_s"] = round(max(ours) * train_flop / 1e9, 1)
+    result["train_flop_fraction"] = round(max(ours) * train_flop / 1e9 / max(matmul), 3)
+    for name, rates in recipe.items():
+        flop = 6 * _forward_macs(name)
+        result[f"{name}_recipe_batch_size"] = RECIPES[name]["batch_size"]
+        result[f"{name}_recipe_images_per_s"] = round(max(rates), 1)
+        result[f"{name}_recipe_flop_fraction"] = round(max(rates) * flop / 1e9 / max(matmul), 3)
+    result["modern_eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "modern"), 1)
     # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's: fused kernel vs plain
     from lenet import fastcpu
-    from lenet.train import RECIPES
 
     if fastcpu.load_extension() is not None:
         for batch in (1, RECIPES["lenet5-1998"]["batch_size"]):
