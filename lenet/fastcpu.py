@@ -11,6 +11,7 @@ model, the kernel cannot be built, or LENET_NO_EXT=1 is set.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,12 +47,38 @@ def _cpu_signature() -> str:
     return "\n".join([line for line in lines if line.startswith(("model name", "flags"))][:2])
 
 
-def _build(target: Path) -> None:
+def library_path() -> Path:
+    """Where the kernel built from this source, with these flags, for this kind of CPU is cached."""
+    key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature()])
+    return _cache_dir() / f"fused_lenet_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[bool]:
+    """One builder at a time in folder, across processes (the OS releases a dead process's lock); yields
+    whether the lock is held (no flock on Windows: concurrent builds then still each rename a whole file)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(folder / "build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(target: Path, exclusive: bool) -> None:
+    """Compile into a fresh temp folder beside target, then rename the whole file into place. exclusive:
+    no other process is building here, so temp folders left by killed builds can go."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    for leftover in target.parent.glob("build-*") if exclusive else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         done = subprocess.run(
             [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
@@ -59,7 +87,25 @@ def _build(target: Path) -> None:
             raise RuntimeError(
                 done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "build failed"
             )
-        os.replace(built, target)  # atomic: a concurrent run sees the old file or the whole new one
+        os.replace(built, target)  # atomic: a concurrent reader sees no file or the whole new one
+
+
+def _open_library(target: Path) -> ctypes.CDLL:
+    """The library at target, built first (by one process at a time) when it is missing or will not load.
+
+    A library that exists was renamed into place whole, so it loads without the lock; one that will not
+    load (a file damaged on disk) is rebuilt.
+    """
+    if target.exists():
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target.parent) as exclusive:
+        if target.exists():  # built by another process while this one waited for the lock
+            with contextlib.suppress(OSError):
+                return ctypes.CDLL(str(target))
+        _build(target, exclusive)
+    return ctypes.CDLL(str(target))
 
 
 def load_extension() -> ctypes.CDLL | None:
@@ -68,12 +114,8 @@ def load_extension() -> ctypes.CDLL | None:
     if os.environ.get("LENET_NO_EXT") == "1" or _failed:
         return None
     if _lib is None:
-        key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature()])
-        target = _cache_dir() / f"fused_lenet_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         try:
-            if not target.exists():
-                _build(target)
-            lib = ctypes.CDLL(str(target))
+            lib = _open_library(library_path())
         except (OSError, RuntimeError) as exc:  # no compiler, a failed build: the plain model still works
             _failed = True
             warnings.warn(f"lenet: fused CPU kernel unavailable, using the plain model ({exc})", stacklevel=2)
@@ -300,18 +342,21 @@ class FastModern(nn.Module):
         self.net = net
         self.head = net[list(dict(net.named_children())).index("flatten") + 1 :]  # fc1 ... fc3, shared
         self._workspace: list[torch.Tensor] = []
+        self.train(net.training)  # a wrapper of a model in eval mode starts in eval mode too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
+        training = net.bn1.training  # the conv stages' batch norms decide, as they would in the plain model
         if (
-            (not self.training and torch.is_grad_enabled())
+            net.bn2.training != training
+            or (not training and torch.is_grad_enabled())
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or x.shape[1:] != (1, 28, 28)
             or x.requires_grad
         ):
             return net(x)
-        if not self.training:
+        if not training:
             return self.head(_modern_infer(x.contiguous(), net))  # (N, 10)
         workspace = self._workspace if torch.is_grad_enabled() else None
         feats = _ModernFeatures.apply(  # (N, 400)
