@@ -135,6 +135,8 @@ def load_extension() -> ctypes.CDLL | None:
         lib.modern_infer.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, threads]
         for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1", "infer"):
             getattr(lib, f"modern_{name}").restype = None
+        lib.affine_warp.argtypes = [_P, i64, ctypes.c_int, ctypes.c_int, _P, _P, threads]
+        lib.affine_warp.restype = None
         f32 = ctypes.c_float
         lib.lenet5_sdlm_train.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, _P, f32, f32, f32, _P, _P]
         lib.lenet5_sdlm_train.restype = None
@@ -403,6 +405,16 @@ def _same_layers(model: nn.Module, build) -> bool:
         and (isinstance(layer, nn.Dropout) or layer.extra_repr() == rlayer.extra_repr())  # any dropout rate
         for (name, layer), (rname, rlayer) in zip(ours, ref, strict=True)
     )
+
+
+def affine_warp(images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """augment.affine's resampling of uint8 CPU images (N, H, W) with its per-image coefficients (N, 5):
+    float32 (N, H, W) in [0, 255]. Needs the kernel (load_extension)."""
+    images, coef = images.contiguous(), coef.to(torch.float32).contiguous()
+    out = torch.empty(images.shape, dtype=torch.float32)
+    n, height, width = images.shape
+    _lib.affine_warp(_ptr(images), n, height, width, _ptr(coef), _ptr(out), torch.get_num_threads())
+    return out
 
 
 FUSED_CHUNK = 100  # about this many samples per kernel call: a Python round trip per ~100 samples

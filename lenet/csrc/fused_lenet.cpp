@@ -1,5 +1,6 @@
-// Fused LeNet-5 convolution stages for CPU training: "classic" (sigmoid, average pooling) and "modern"
-// (batch norm, ReLU, max pooling); and, at the end of this file, lenet5-1998's whole SDLM training step.
+// Fused LeNet-5 convolution stages for CPU training and inference: "classic" (sigmoid, average pooling) and
+// "modern" (batch norm, ReLU, max pooling); augment.affine's resampling; and, at the end of this file,
+// lenet5-1998's whole SDLM training step.
 //
 // Samples are processed in blocks of L (8, or 16 with AVX-512), one sample per SIMD lane (GCC/Clang vector extensions), so every
 // loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
@@ -589,6 +590,51 @@ void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float*
     for (int i = 0; i < W1N; ++i) mine[i] = lane_sum(acc_w[i]);
   }
   sum_partials(partial, threads, W1N, dw1);
+}
+
+}  // extern "C"
+
+// ---- affine distortions ---------------------------------------------------------------------------------
+
+extern "C" {
+
+// augment.affine's resampling: images (n, h, w) uint8 -> out (n, h, w) floats in [0, 255]. Output pixel
+// (i, j), at normalised centre (px, py), reads the input bilinearly at normalised (c0 (px - c3) + c1 (py -
+// c4), c2 (py - c4)), coef (n, 5) holding c0..c4 per image; inputs outside the image read 0. That is
+// grid_sample's bilinear, zero-padded, align_corners=False sampling. The source row depends on i alone, so
+// each output row blends two input rows first, then samples along the blend. Rows and columns carry a zero
+// border of 2 pixels: a coordinate clamped into the border reads zeros only, so no tap needs a test, and
+// coordinates offset by 2 are non-negative, so truncation is floor.
+void affine_warp(const uint8_t* images, int64_t n, int h, int w, const float* coef, float* out, int threads) {
+  const int pw = w + 4;
+  const float hf = h, wf = w;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> padded(static_cast<size_t>(h + 4) * pw, 0.0f), blend(pw);
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < n; ++k) {
+      const uint8_t* src = images + k * h * w;
+      for (int y = 0; y < h; ++y)
+        for (int x = 0; x < w; ++x) padded[(y + 2) * pw + x + 2] = src[y * w + x];
+      const float* c = coef + k * 5;
+      float* dst = out + k * h * w;
+      for (int i = 0; i < h; ++i) {
+        const float ys = (i * 2 + 1) / hf - 1 - c[4];
+        const float iy = std::min(std::max(((c[2] * ys + 1) * hf - 1) / 2, -2.0f), hf) + 2;
+        const int y0 = static_cast<int>(iy);
+        const float fy = iy - y0;
+        const float *top = padded.data() + y0 * pw, *bottom = top + pw;
+        for (int x = 0; x < pw; ++x) blend[x] = top[x] * (1 - fy) + bottom[x] * fy;
+        for (int j = 0; j < w; ++j) {
+          const float xs = (j * 2 + 1) / wf - 1 - c[3];
+          const float ix = std::min(std::max(((c[0] * xs + c[1] * ys + 1) * wf - 1) / 2, -2.0f), wf) + 2;
+          const int x0 = static_cast<int>(ix);
+          const float fx = ix - x0;
+          dst[i * w + j] = std::min(std::max(blend[x0] * (1 - fx) + blend[x0 + 1] * fx, 0.0f), 255.0f);
+        }
+      }
+    }
+  }
 }
 
 }  // extern "C"
