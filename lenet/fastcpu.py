@@ -187,9 +187,20 @@ def _activations(workspace: list[torch.Tensor] | None, n: int) -> list[torch.Ten
     if not workspace or len(workspace[0]) != blocks:
         workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     else:
-        for t in workspace:
+        for t in workspace[:3]:
             t[:0].zero_()
-    return workspace
+    return workspace[:3]
+
+
+def _gradient_buffers(workspace: list[torch.Tensor] | None, *activations: torch.Tensor) -> list[torch.Tensor]:
+    """Buffers shaped like the activations for backward's intermediate gradients, kept after them in
+    `workspace` (they never outlive one backward call), so that a step reuses the previous step's pages."""
+    count = len(activations)
+    if workspace is None:
+        return [torch.empty_like(a) for a in activations]
+    if len(workspace) != 3 + count or any(g.shape != a.shape for g, a in zip(workspace[3:], activations)):
+        workspace[3:] = [torch.empty_like(a) for a in activations]
+    return workspace[3:]
 
 
 class _ModernFeatures(torch.autograd.Function):
@@ -216,7 +227,7 @@ class _ModernFeatures(torch.autograd.Function):
         out = x.new_empty(n, 400)
         lib.modern_pool2(_ptr(z2), n, _ptr(scale2), _ptr(shift2), _ptr(out), threads)
         ctx.save_for_backward(x, w2, z1, p1, z2, scale1, shift1, scale2, shift2)
-        ctx.norms = (norm1, norm2)
+        ctx.norms, ctx.workspace = (norm1, norm2), workspace
         return out
 
     @staticmethod
@@ -226,7 +237,7 @@ class _ModernFeatures(torch.autograd.Function):
         norm1, norm2 = ctx.norms
         n = len(x)
         grad = grad.contiguous()
-        dy1, dy2 = torch.empty_like(z1), torch.empty_like(z2)
+        dy1, dy2 = _gradient_buffers(ctx.workspace, z1, z2)
         sums2, sums1 = torch.empty(32, dtype=torch.float64), torch.empty(12, dtype=torch.float64)
         lib.modern_back_pool2(
             _ptr(grad), n, _ptr(z2), _ptr(scale2), _ptr(shift2), _ptr(dy2), _ptr(sums2), threads
