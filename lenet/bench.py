@@ -184,8 +184,9 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
 def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     """Images/s of the tutorial loop and of ours on `classic` at batch 256 (best of alternating rounds);
     `classic` and `modern` as fit trains them (their recipes) and evaluates them; the FLOP rate training
-    reaches against torch.mm's in the same run; lenet5-1998's fused SDLM kernel against the plain loop."""
-    from lenet import data
+    reaches against torch.mm's and the fused kernels' peak multiply-add rate, measured in the same run;
+    lenet5-1998's fused SDLM kernel against the plain loop."""
+    from lenet import data, fastcpu
     from lenet.train import RECIPES
 
     dataset = data.load("mnist")
@@ -209,21 +210,25 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
     result["speedup"] = round(result["images_per_s"] / result["baseline_images_per_s"], 2)
     repeats = max(1, steps // 20)
     result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "classic"), 1)
-    result["matmul_gflop_s"] = round(max(matmul), 1)
-    # training FLOPs per image: forward and backward, about 3 forward passes of 2 FLOPs per multiply-add
-    train_flop = 6 * _forward_macs("classic")
-    result["train_mflop_per_image"] = round(train_flop / 1e6, 3)
-    result["train_gflop_s"] = round(max(ours) * train_flop / 1e9, 1)
-    result["train_flop_fraction"] = round(max(ours) * train_flop / 1e9 / max(matmul), 3)
     for name, rates in recipe.items():
-        flop = 6 * _forward_macs(name)
         result[f"{name}_recipe_batch_size"] = RECIPES[name]["batch_size"]
         result[f"{name}_recipe_images_per_s"] = round(max(rates), 1)
-        result[f"{name}_recipe_flop_fraction"] = round(max(rates) * flop / 1e9 / max(matmul), 3)
     result["modern_eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "modern"), 1)
+    # training FLOPs per image: forward and backward, about 3 forward passes of 2 FLOPs per multiply-add
+    peaks = {"matmul": max(matmul)}
+    if fastcpu.load_extension() is not None:
+        peaks["fma"] = fastcpu.fma_gflop_s()
+    for name, value in peaks.items():
+        result[f"{name}_gflop_s"] = round(value, 1)
+    result["train_mflop_per_image"] = round(6 * _forward_macs("classic") / 1e6, 3)
+    for label, rate, name in [("train", max(ours), "classic")] + [
+        (f"{name}_recipe", max(rates), name) for name, rates in recipe.items()
+    ]:
+        gflop_s = rate * 6 * _forward_macs(name) / 1e9
+        result[f"{label}_gflop_s"] = round(gflop_s, 1)
+        for peak, value in peaks.items():
+            result[f"{label}_{peak}_fraction"] = round(gflop_s / value, 3)
     # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's: fused kernel vs plain
-    from lenet import fastcpu
-
     if fastcpu.load_extension() is not None:
         for batch in (1, RECIPES["lenet5-1998"]["batch_size"]):
             samples = steps * (20 if batch == 1 else 96)  # whole chunks of the fused kernel

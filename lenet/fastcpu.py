@@ -135,6 +135,7 @@ def load_extension() -> ctypes.CDLL | None:
         lib.modern_infer.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, threads]
         for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1", "infer"):
             getattr(lib, f"modern_{name}").restype = None
+        lib.lenet_fma_rate.argtypes, lib.lenet_fma_rate.restype = [i64, threads], ctypes.c_double
         lib.affine_warp.argtypes = [_P, i64, ctypes.c_int, ctypes.c_int, _P, _P, threads]
         lib.affine_warp.restype = None
         f32 = ctypes.c_float
@@ -195,10 +196,9 @@ def _activations(workspace: list[torch.Tensor] | None, n: int) -> list[torch.Ten
 def _gradient_buffers(workspace: list[torch.Tensor] | None, *activations: torch.Tensor) -> list[torch.Tensor]:
     """Buffers shaped like the activations for backward's intermediate gradients, kept after them in
     `workspace` (they never outlive one backward call), so that a step reuses the previous step's pages."""
-    count = len(activations)
     if workspace is None:
         return [torch.empty_like(a) for a in activations]
-    if len(workspace) != 3 + count or any(g.shape != a.shape for g, a in zip(workspace[3:], activations)):
+    if [g.shape for g in workspace[3:]] != [a.shape for a in activations]:
         workspace[3:] = [torch.empty_like(a) for a in activations]
     return workspace[3:]
 
@@ -426,6 +426,12 @@ def affine_warp(images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     n, height, width = images.shape
     _lib.affine_warp(_ptr(images), n, height, width, _ptr(coef), _ptr(out), torch.get_num_threads())
     return out
+
+
+def fma_gflop_s(rounds: int = 20_000_000, repeats: int = 3) -> float:
+    """GFLOP/s of independent fused multiply-adds on the kernels' vectors at the current thread count, best
+    of repeats: this CPU's peak fp32 rate as the kernels can use it. Needs the kernel (load_extension)."""
+    return max(_lib.lenet_fma_rate(rounds, torch.get_num_threads()) for _ in range(repeats)) / 1e9
 
 
 FUSED_CHUNK = 100  # about this many samples per kernel call: a Python round trip per ~100 samples

@@ -594,6 +594,31 @@ void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float*
 
 }  // extern "C"
 
+// ---- peak arithmetic rate --------------------------------------------------------------------------------
+
+extern "C" {
+
+// FLOPs per second of independent multiply-adds on full vectors (12 chains per thread, enough to fill the
+// pipelines), over `rounds` rounds on `threads` threads: the rate the kernels' arithmetic can approach.
+double lenet_fma_rate(int64_t rounds, int threads) {
+  constexpr int CHAINS = 12;
+  float sink = 0.0f;
+  const double started = omp_get_wtime();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    vf acc[CHAINS];
+    for (int i = 0; i < CHAINS; ++i) acc[i] = vf{} + (1.0f + i * 1e-3f);
+    const vf scale = vf{} + 0.999999f, step = vf{} + 1e-6f;
+    for (int64_t r = 0; r < rounds; ++r)
+      for (int i = 0; i < CHAINS; ++i) acc[i] = acc[i] * scale + step;
+    for (int i = 0; i < CHAINS; ++i) sink += acc[i][0];
+  }
+  const double seconds = omp_get_wtime() - started;
+  return sink == 0.0f ? 0.0 : 2.0 * L * CHAINS * rounds * threads / seconds;  // sink keeps the loop alive
+}
+
+}  // extern "C"
+
 // ---- affine distortions ---------------------------------------------------------------------------------
 
 extern "C" {
