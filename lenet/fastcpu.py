@@ -1,13 +1,14 @@
 """Faster CPU training: the conv stages of `classic` and `modern`, and the whole SDLM training step of
-`lenet5-1998` (`fused_sdlm`), as fused C++ kernels.
+`lenet5-1998` (`fused_sdlm`), as fused C++ kernels; also augment.affine's resampling (`affine_warp`).
 
 The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use with the local C++
-compiler (a few seconds) and cached under the user's cache directory. `fast_forward(model)` wraps a classic
-or modern model in a module that computes the same function with the same parameters (gradients equal
-autograd's within float rounding; modern's batch norms update their running statistics as nn.BatchNorm2d
-does); it returns None, and the caller keeps the plain model, when the model is neither, not a float32 CPU
-model, the kernel cannot be built, or LENET_NO_EXT=1 is set.
-"""
+compiler (a few seconds) and cached under the user's cache directory; processes starting together on an
+empty cache build once (a file lock) and never load a partly written library (it is renamed into place
+whole). `fast_forward(model)` wraps a classic or modern model in a module that computes the same function
+with the same parameters (gradients equal autograd's within float rounding; modern's batch norms update
+their running statistics as nn.BatchNorm2d does, and in eval mode normalise with them); it returns None,
+and the caller keeps the plain model, when the model is neither, not a float32 CPU model, the kernel cannot
+be built, or LENET_NO_EXT=1 is set."""
 
 from __future__ import annotations
 
