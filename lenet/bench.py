@@ -4,7 +4,8 @@
 a float tensor, as torchvision's Resize + ToTensor do; a DataLoader with batch 256 and shuffle; Adam)
 against ours (batches sliced from in-memory uint8 tensors, normalised per batch, the fused CPU kernels),
 both training `classic` at batch 256 on real MNIST; `classic` and `modern` trained and evaluated as fit
-does; the fraction of torch.mm's FLOP rate that training reaches, both measured in the same run.
+does; the fraction of torch.mm's FLOP rate and of the CPU's peak multiply-add rate that training reaches,
+measured in the same run (docs/speed.md explains each number).
 
 `export`: single-image latency and batch throughput of ONNX Runtime (fp32 and int8) against PyTorch, for
 `classic` and `modern`, on the same number of threads.

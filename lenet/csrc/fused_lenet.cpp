@@ -2,9 +2,9 @@
 // "modern" (batch norm, ReLU, max pooling); augment.affine's resampling; and, at the end of this file,
 // lenet5-1998's whole SDLM training step.
 //
-// Samples are processed in blocks of L (8, or 16 with AVX-512), one sample per SIMD lane (GCC/Clang vector extensions), so every
-// loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
-// in parallel with OpenMP. The maths is exactly the module's:
+// Samples are processed in blocks of L (16 with AVX-512, else 8), one sample per SIMD lane (GCC/Clang vector
+// extensions), so every loop is the plain scalar convolution with no padding or tail waste in the spatial
+// dimensions; blocks run in parallel with OpenMP. The maths is exactly the module's:
 //   conv1 (1->6, 5x5, pad 2) + bias -> sigmoid -> 2x2 average pool -> conv2 (6->16, 5x5) + bias -> sigmoid
 //   -> 2x2 average pool -> flatten (N, 400) in (channel, row, column) order.
 // modern, whose batch norm needs the whole batch's statistics between a convolution and what follows it,
