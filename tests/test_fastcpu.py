@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,7 +295,7 @@ with torch.no_grad():
 """
 
 
-def _compiler_that_counts(tmp_path) -> tuple[dict, object]:
+def _compiler_that_counts(tmp_path: Path) -> tuple[dict, Path]:
     """An environment with an empty kernel cache and a CXX that logs each build; and the log's path."""
     compiler = shutil.which("g++") or shutil.which("c++")
     log = tmp_path / "builds.log"
