@@ -75,10 +75,11 @@ def test_distorted_digits_keep_their_labels(modern_checkpoint, mnist_cache):
         assert plain > 0.97 and accuracy > 0.85, name  # chance is 0.1; 0.88-0.95 seen across checkpoints
 
 
-def test_training_with_distortions_resumes_exactly(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("name", ["affine", "elastic"])
+def test_training_with_distortions_resumes_exactly(tmp_path, tiny_dataset, name):
     def config(folder, **overrides):
         return TrainConfig(
-            model="classic", epochs=2, batch_size=32, lr=0.01, augment="elastic", device="cpu",
+            model="classic", epochs=2, batch_size=32, lr=0.01, augment=name, device="cpu",
             out=str(tmp_path / folder), **overrides,
         )  # fmt: skip
 
