@@ -11,10 +11,9 @@ CPU generator), so a run is repeatable and resumable.
 - `elastic`: Simard, Steinkraus and Platt 2003: a random displacement field, uniform in [-1, 1] per pixel
   and coordinate, smoothed by a Gaussian of standard deviation sigma pixels and scaled by alpha pixels.
 
-Cost (2-core CPU, one thread, measured beside the undistorted loop in the same process): training
-throughput drops by 12% (affine) and 13% (elastic) for lenet5-1998 at batch 16 with its fused SDLM kernel
-(about 3,000 images/s), and by 14-19% (affine) and 21-24% (elastic) for `classic` at batch 128 with its
-fused CPU kernel.
+On CPU, `affine` resamples uint8 images in the fused C++ kernel (lenet/csrc) when it is available: the
+same random draws and the same sampling, within float rounding, without grid_sample and its dozen tensor
+operations per batch. What each distortion costs a training step is in docs/speed.md.
 """
 
 from __future__ import annotations
@@ -53,8 +52,13 @@ def affine(images: torch.Tensor, generator: torch.Generator, strength: float = 1
     t = torch.stack([u[:, 3] * TRANSLATE_PX * 2 / width, u[:, 4] * TRANSLATE_PX * 2 / height], dim=1)
     # grid_sample asks, for every output pixel, where to read: the inverse map p = M^-1 (p' - t), with
     # M^-1 = [[1 / a, -b / (a d)], [0, 1 / d]]
-    coef = torch.stack([1 / a, -b / (a * d), 1 / d, t[:, 0], t[:, 1]], dim=1).to(images.device)
-    coef = coef.view(n, 5, 1, 1)  # broadcast over (H, W)
+    coef = torch.stack([1 / a, -b / (a * d), 1 / d, t[:, 0], t[:, 1]], dim=1)  # (N, 5)
+    if images.device.type == "cpu" and images.dtype == torch.uint8:
+        from lenet import fastcpu
+
+        if fastcpu.load_extension() is not None:  # the same sampling in one pass (csrc/fused_lenet.cpp)
+            return fastcpu.affine_warp(images, coef)
+    coef = _to(coef, images.device).view(n, 5, 1, 1)  # broadcast over (H, W)
     points = _identity_grid(height, width, images.device)  # (1, H, W, 2)
     x, y = points[..., 0] - coef[:, 3], points[..., 1] - coef[:, 4]  # (N, H, W)
     grid = torch.empty(n, height, width, 2, device=images.device)  # written in place: stack is 2x slower
@@ -72,6 +76,14 @@ def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-(offset.to(torch.float32) ** 2) / (2 * sigma**2)) * (offset.abs() <= radius)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
     return kernel / torch.exp(-(taps**2) / (2 * sigma**2)).sum()
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on device; to a GPU through pinned memory, so the copy does not make the host wait for
+    the device (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _identity_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -99,9 +111,9 @@ def elastic(
     """Simard et al.'s elastic distortion; alpha 0 leaves the images unchanged."""
     n, height, width = images.shape
     device = images.device
-    field = _uniform_field((n, 2, height, width), generator).to(device)  # (N, 2, H, W)
+    field = _to(_uniform_field((n, 2, height, width), generator), device)  # (N, 2, H, W)
     # separable Gaussian blur as two small matrix products (a 25-tap depthwise conv is 20x slower on CPU)
-    field = _blur_matrix(height, sigma).to(device) @ field @ _blur_matrix(width, sigma).to(device).T
+    field = _to(_blur_matrix(height, sigma), device) @ field @ _to(_blur_matrix(width, sigma), device).T
     # pixels -> normalised units (align_corners=False: the image spans 2 units over `width` pixels)
     points = _identity_grid(height, width, device)  # (1, H, W, 2)
     grid = torch.empty(n, height, width, 2, device=device)

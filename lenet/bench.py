@@ -2,8 +2,10 @@
 
 `train`: the tutorial's loop (a per-sample Dataset that makes a PIL image, resizes it and converts it to
 a float tensor, as torchvision's Resize + ToTensor do; a DataLoader with batch 256 and shuffle; Adam)
-against ours (batches sliced from in-memory uint8 tensors, normalised per batch, channels-last), both
-training `classic` at batch 256 on real MNIST, plus our evaluation throughput.
+against ours (batches sliced from in-memory uint8 tensors, normalised per batch, the fused CPU kernels),
+both training `classic` at batch 256 on real MNIST; `classic` and `modern` trained and evaluated as fit
+does; the fraction of torch.mm's FLOP rate and of the CPU's peak multiply-add rate that training reaches,
+measured in the same run (docs/speed.md explains each number).
 
 `export`: single-image latency and batch throughput of ONNX Runtime (fp32 and int8) against PyTorch, for
 `classic` and `modern`, on the same number of threads.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import socket
 import subprocess
@@ -77,45 +80,83 @@ def _tutorial_images_per_s(dataset, steps: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def _ours_images_per_s(dataset, steps: int) -> float:
-    from lenet import data
+def _ours_images_per_s(dataset, steps: int, name: str = "classic", batch: int = BATCH, recipe: bool = False):
+    """Our loop: batches sliced from the in-memory uint8 tensors, through train_step and the fused kernels.
+
+    recipe: the model's default recipe as fit runs it (optimizer, peak learning rate, distortions);
+    otherwise Adam at lr 1e-3 without distortions, as the tutorial loop trains.
+    """
+    from lenet import augment, data
+    from lenet.config import TrainConfig
     from lenet.fastcpu import fast_forward
-    from lenet.models import classic
+    from lenet.models import build
     from lenet.steps import train_step
+    from lenet.train import make_optimizer
 
     torch.manual_seed(0)
-    model = classic().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build(name)
+    cfg = TrainConfig(model=name, batch_size=batch, device="cpu")
+    optimizer = make_optimizer(cfg, model) if recipe else torch.optim.Adam(model.parameters(), lr=1e-3)
+    distortion = cfg.augment if recipe else "none"
     model = fast_forward(model) or model
     generator = torch.Generator().manual_seed(0)
     mean, std = data.MNIST_MEAN, data.MNIST_STD
     batches = data.batches(
-        dataset.train_images, dataset.train_labels, BATCH, shuffle=True, generator=generator
+        dataset.train_images, dataset.train_labels, batch, shuffle=True, generator=generator, drop_last=True
     )
     seen, started = 0, 0.0
     for step, (images, labels) in enumerate(batches):
-        if step == 2:
+        if step == 2:  # the first steps pay one-off start-up costs
             started, seen = time.perf_counter(), 0
         if step == steps + 2:
             break
-        train_step(model, optimizer, images, labels, mean, std, torch.channels_last)
+        images = augment.apply(distortion, images, generator)
+        train_step(model, optimizer, images, labels, mean, std)
         seen += len(labels)
     return seen / (time.perf_counter() - started)
 
 
-def _eval_images_per_s(dataset, repeats: int) -> float:
+def _eval_images_per_s(dataset, repeats: int, name: str) -> float:
+    """Test-set images/s of the model as fit evaluates it: eval mode, through the fused kernels."""
     from lenet import data
     from lenet.evaluate import predict_logits
     from lenet.fastcpu import fast_forward
-    from lenet.models import classic
+    from lenet.models import build
 
-    plain = classic().to(memory_format=torch.channels_last)
-    model = (fast_forward(plain) or plain).eval()  # as fit evaluates
+    plain = build(name)
+    model = (fast_forward(plain) or plain).eval()
     predict_logits(model, dataset.test_images[:2000], data.MNIST_MEAN, data.MNIST_STD)
     started = time.perf_counter()
     for _ in range(repeats):
         predict_logits(model, dataset.test_images, data.MNIST_MEAN, data.MNIST_STD)
     return repeats * len(dataset.test_images) / (time.perf_counter() - started)
+
+
+def _forward_macs(name: str) -> int:
+    """Multiply-adds of one image's forward pass through the model's convolutions and linear layers."""
+    from lenet.models import build, layer_table
+
+    model = build(name)
+    macs = 0
+    for layer_name, shape, _ in layer_table(model):
+        layer = getattr(model, layer_name)
+        if isinstance(layer, torch.nn.Conv2d):
+            macs += math.prod(shape) * layer.weight[0].numel()  # output elements x weights each one reads
+        elif isinstance(layer, torch.nn.Linear):
+            macs += layer.in_features * layer.out_features
+    return macs
+
+
+def _matmul_gflop_s(size: int = 2048, repeats: int = 4) -> float:
+    """fp32 GFLOP/s of torch.mm on two size x size matrices at the current thread count, best of repeats."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
@@ -147,14 +188,23 @@ def _sdlm_images_per_s(dataset, batch: int, samples: int, fused: bool) -> float:
 
 
 def bench_train(steps: int = 60, rounds: int = 2) -> dict:
-    """Images/s of the tutorial loop and of ours on `classic`, batch 256; best of alternating rounds."""
-    from lenet import data
+    """Images/s of the tutorial loop and of ours on `classic` at batch 256 (best of alternating rounds);
+    `classic` and `modern` as fit trains them (their recipes) and evaluates them; the FLOP rate training
+    reaches against torch.mm's and the fused kernels' peak multiply-add rate, measured in the same run;
+    lenet5-1998's fused SDLM kernel against the plain loop."""
+    from lenet import data, fastcpu
+    from lenet.config import RECIPES
 
     dataset = data.load("mnist")
     baseline, ours = [], []
+    recipe: dict[str, list[float]] = {"classic": [], "modern": []}
+    matmul = [_matmul_gflop_s()]
     for _ in range(rounds):  # alternate, so a noisy moment hurts both sides alike
         baseline.append(_tutorial_images_per_s(dataset, steps))
         ours.append(_ours_images_per_s(dataset, steps))
+        for name, rates in recipe.items():
+            rates.append(_ours_images_per_s(dataset, steps, name, RECIPES[name]["batch_size"], recipe=True))
+    matmul.append(_matmul_gflop_s())
     result = {
         "suite": "train",
         "model": "classic",
@@ -164,11 +214,27 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
         "images_per_s": round(max(ours), 1),
     }
     result["speedup"] = round(result["images_per_s"] / result["baseline_images_per_s"], 2)
-    result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats=max(1, steps // 20)), 1)
+    repeats = max(1, steps // 20)
+    result["eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "classic"), 1)
+    for name, rates in recipe.items():
+        result[f"{name}_recipe_batch_size"] = RECIPES[name]["batch_size"]
+        result[f"{name}_recipe_images_per_s"] = round(max(rates), 1)
+    result["modern_eval_images_per_s"] = round(_eval_images_per_s(dataset, repeats, "modern"), 1)
+    # training FLOPs per image: forward and backward, about 3 forward passes of 2 FLOPs per multiply-add
+    peaks = {"matmul": max(matmul)}
+    if fastcpu.load_extension() is not None:
+        peaks["fma"] = fastcpu.fma_gflop_s()
+    for name, value in peaks.items():
+        result[f"{name}_gflop_s"] = round(value, 1)
+    result["train_mflop_per_image"] = round(6 * _forward_macs("classic") / 1e6, 3)
+    for label, rate, name in [("train", max(ours), "classic")] + [
+        (f"{name}_recipe", max(rates), name) for name, rates in recipe.items()
+    ]:
+        gflop_s = rate * 6 * _forward_macs(name) / 1e9
+        result[f"{label}_gflop_s"] = round(gflop_s, 1)
+        for peak, value in peaks.items():
+            result[f"{label}_{peak}_fraction"] = round(gflop_s / value, 3)
     # lenet5-1998's SDLM training at the paper's batch of 1 and at its recipe's: fused kernel vs plain
-    from lenet import fastcpu
-    from lenet.config import RECIPES
-
     if fastcpu.load_extension() is not None:
         for batch in (1, RECIPES["lenet5-1998"]["batch_size"]):
             samples = steps * (20 if batch == 1 else 96)  # whole chunks of the fused kernel

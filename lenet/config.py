@@ -36,9 +36,9 @@ _PAPER_RECIPE = dict(
 RECIPES: dict[str, dict[str, Any]] = {
     "classic": dict(
         epochs=10,
-        batch_size=128,
+        batch_size=256,
         optimizer="adam",
-        lr=1e-2,
+        lr=2e-2,
         momentum=0.9,
         schedule="one-cycle",
         weight_decay=0.0,

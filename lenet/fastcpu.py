@@ -1,16 +1,18 @@
 """Faster CPU training: the conv stages of `classic` and `modern`, and the whole SDLM training step of
-`lenet5-1998` (`fused_sdlm`), as fused C++ kernels.
+`lenet5-1998` (`fused_sdlm`), as fused C++ kernels; also augment.affine's resampling (`affine_warp`).
 
 The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use with the local C++
-compiler (a few seconds) and cached under the user's cache directory. `fast_forward(model)` wraps a classic
-or modern model in a module that computes the same function with the same parameters (gradients equal
-autograd's within float rounding; modern's batch norms update their running statistics as nn.BatchNorm2d
-does); it returns None, and the caller keeps the plain model, when the model is neither, not a float32 CPU
-model, the kernel cannot be built, or LENET_NO_EXT=1 is set.
-"""
+compiler (a few seconds) and cached under the user's cache directory; processes starting together on an
+empty cache build once (a file lock) and never load a partly written library (it is renamed into place
+whole). `fast_forward(model)` wraps a classic or modern model in a module that computes the same function
+with the same parameters (gradients equal autograd's within float rounding; modern's batch norms update
+their running statistics as nn.BatchNorm2d does, and in eval mode normalise with them); it returns None,
+and the caller keeps the plain model, when the model is neither, not a float32 CPU model, the kernel cannot
+be built, or LENET_NO_EXT=1 is set."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,12 +48,38 @@ def _cpu_signature() -> str:
     return "\n".join([line for line in lines if line.startswith(("model name", "flags"))][:2])
 
 
-def _build(target: Path) -> None:
+def library_path() -> Path:
+    """Where the kernel built from this source, with these flags, for this kind of CPU is cached."""
+    key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature()])
+    return _cache_dir() / f"fused_lenet_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[bool]:
+    """One builder at a time in folder, across processes (the OS releases a dead process's lock); yields
+    whether the lock is held (no flock on Windows: concurrent builds then still each rename a whole file)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(folder / "build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(target: Path, exclusive: bool) -> None:
+    """Compile into a fresh temp folder beside target, then rename the whole file into place. exclusive:
+    no other process is building here, so temp folders left by killed builds can go."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    for leftover in target.parent.glob("build-*") if exclusive else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         done = subprocess.run(
             [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
@@ -59,7 +88,25 @@ def _build(target: Path) -> None:
             raise RuntimeError(
                 done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "build failed"
             )
-        os.replace(built, target)  # atomic: a concurrent run sees the old file or the whole new one
+        os.replace(built, target)  # atomic: a concurrent reader sees no file or the whole new one
+
+
+def _open_library(target: Path) -> ctypes.CDLL:
+    """The library at target, built first (by one process at a time) when it is missing or will not load.
+
+    A library that exists was renamed into place whole, so it loads without the lock; one that will not
+    load (a file damaged on disk) is rebuilt.
+    """
+    if target.exists():
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(target.parent) as exclusive:
+        if target.exists():  # built by another process while this one waited for the lock
+            with contextlib.suppress(OSError):
+                return ctypes.CDLL(str(target))
+        _build(target, exclusive)
+    return ctypes.CDLL(str(target))
 
 
 def load_extension() -> ctypes.CDLL | None:
@@ -68,12 +115,8 @@ def load_extension() -> ctypes.CDLL | None:
     if os.environ.get("LENET_NO_EXT") == "1" or _failed:
         return None
     if _lib is None:
-        key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature()])
-        target = _cache_dir() / f"fused_lenet_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         try:
-            if not target.exists():
-                _build(target)
-            lib = ctypes.CDLL(str(target))
+            lib = _open_library(library_path())
         except (OSError, RuntimeError) as exc:  # no compiler, a failed build: the plain model still works
             _failed = True
             warnings.warn(f"lenet: fused CPU kernel unavailable, using the plain model ({exc})", stacklevel=2)
@@ -90,8 +133,12 @@ def load_extension() -> ctypes.CDLL | None:
         lib.modern_back_pool2.argtypes = [_P, i64, _P, _P, _P, _P, _P, threads]
         lib.modern_back_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, threads]
         lib.modern_back_conv1.argtypes = [_P, _P, i64, _P, _P, _P, threads]
-        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1"):
+        lib.modern_infer.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, threads]
+        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1", "infer"):
             getattr(lib, f"modern_{name}").restype = None
+        lib.lenet_fma_rate.argtypes, lib.lenet_fma_rate.restype = [i64, threads], ctypes.c_double
+        lib.affine_warp.argtypes = [_P, i64, ctypes.c_int, ctypes.c_int, _P, _P, threads]
+        lib.affine_warp.restype = None
         f32 = ctypes.c_float
         lib.lenet5_sdlm_train.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, _P, f32, f32, f32, _P, _P]
         lib.lenet5_sdlm_train.restype = None
@@ -110,9 +157,8 @@ class _ClassicFeatures(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, workspace):
         lib, n = _lib, len(x)
         w1, b1, w2, b2 = (t.detach().contiguous() for t in (w1, b1, w2, b2))
-        blocks = (n + 7) // 8
         out = x.new_empty(n, 400)
-        s1, p1, s2 = _activations(workspace, blocks)
+        s1, p1, s2 = _activations(workspace, n)
         lib.lenet_forward(_ptr(x), n, *map(_ptr, (w1, b1, w2, b2, out, s1, p1, s2)), torch.get_num_threads())
         ctx.save_for_backward(x, w2, s1, p1, s2)
         return out
@@ -129,21 +175,33 @@ class _ClassicFeatures(torch.autograd.Function):
         return None, gw1.view(6, 1, 5, 5), gb1, gw2.view(16, 6, 5, 5), gb2, None
 
 
-def _activations(workspace: list[torch.Tensor] | None, blocks: int) -> list[torch.Tensor]:
-    """The saved-activation buffers (s1, p1, s2), reused from `workspace` when it has the right size.
+def _activations(workspace: list[torch.Tensor] | None, n: int) -> list[torch.Tensor]:
+    """The saved-activation buffers (s1, p1, s2) for n samples, reused from `workspace` when it has the
+    right size: (blocks, floats per block) each, a block holding as many samples as the kernel has lanes.
 
     Fresh multi-megabyte buffers every step cost about as much as the kernel's forward pass (page faults).
     A graph still holding the previous buffers gets autograd's clear in-place-modification error on
     backward (the empty in-place write below bumps their version), never silently wrong gradients.
     """
+    blocks = -(-n // _lib.lenet_sizes(4))
     if workspace is None:
         return [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     if not workspace or len(workspace[0]) != blocks:
         workspace[:] = [torch.empty(blocks, _lib.lenet_sizes(i)) for i in range(3)]
     else:
-        for t in workspace:
+        for t in workspace[:3]:
             t[:0].zero_()
-    return workspace
+    return workspace[:3]
+
+
+def _gradient_buffers(workspace: list[torch.Tensor] | None, *activations: torch.Tensor) -> list[torch.Tensor]:
+    """Buffers shaped like the activations for backward's intermediate gradients, kept after them in
+    `workspace` (they never outlive one backward call), so that a step reuses the previous step's pages."""
+    if workspace is None:
+        return [torch.empty_like(a) for a in activations]
+    if [g.shape for g in workspace[3:]] != [a.shape for a in activations]:
+        workspace[3:] = [torch.empty_like(a) for a in activations]
+    return workspace[3:]
 
 
 class _ModernFeatures(torch.autograd.Function):
@@ -158,7 +216,7 @@ class _ModernFeatures(torch.autograd.Function):
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, bn1, bn2, workspace):
         lib, n, threads = _lib, len(x), torch.get_num_threads()
         w1, w2 = w1.detach().contiguous(), w2.detach().contiguous()
-        z1, p1, z2 = _activations(workspace, (n + 7) // 8)
+        z1, p1, z2 = _activations(workspace, n)
         stats1 = torch.empty(12, dtype=torch.float64)
         lib.modern_conv1(_ptr(x), n, _ptr(w1), _ptr(z1), _ptr(stats1), threads)
         scale1, shift1, norm1 = _batch_norm(stats1, n * 28 * 28, g1, b1, bn1)
@@ -170,7 +228,7 @@ class _ModernFeatures(torch.autograd.Function):
         out = x.new_empty(n, 400)
         lib.modern_pool2(_ptr(z2), n, _ptr(scale2), _ptr(shift2), _ptr(out), threads)
         ctx.save_for_backward(x, w2, z1, p1, z2, scale1, shift1, scale2, shift2)
-        ctx.norms = (norm1, norm2)
+        ctx.norms, ctx.workspace = (norm1, norm2), workspace
         return out
 
     @staticmethod
@@ -180,7 +238,7 @@ class _ModernFeatures(torch.autograd.Function):
         norm1, norm2 = ctx.norms
         n = len(x)
         grad = grad.contiguous()
-        dy1, dy2 = torch.empty_like(z1), torch.empty_like(z2)
+        dy1, dy2 = _gradient_buffers(ctx.workspace, z1, z2)
         sums2, sums1 = torch.empty(32, dtype=torch.float64), torch.empty(12, dtype=torch.float64)
         lib.modern_back_pool2(
             _ptr(grad), n, _ptr(z2), _ptr(scale2), _ptr(shift2), _ptr(dy2), _ptr(sums2), threads
@@ -285,9 +343,11 @@ class FastClassic(nn.Module):
 
 
 class FastModern(nn.Module):
-    """`modern` with the fused kernels in training mode; shares the wrapped model's parameters and buffers.
+    """`modern` with the fused kernels; shares the wrapped model's parameters and buffers.
 
-    In eval mode, and for inputs the kernels cannot handle, the plain model runs, so the result is always
+    In training mode the kernels normalise with the batch's statistics and update the running ones; in eval
+    mode without autograd (evaluation, prediction) they normalise with the running statistics. In eval mode
+    with autograd, and for inputs the kernels cannot handle, the plain model runs, so the result is always
     the model's function.
     """
 
@@ -296,17 +356,22 @@ class FastModern(nn.Module):
         self.net = net
         self.head = net[list(dict(net.named_children())).index("flatten") + 1 :]  # fc1 ... fc3, shared
         self._workspace: list[torch.Tensor] = []
+        self.train(net.training)  # a wrapper of a model in eval mode starts in eval mode too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
+        training = net.bn1.training  # the conv stages' batch norms decide, as they would in the plain model
         if (
-            not self.training
+            net.bn2.training != training
+            or (not training and torch.is_grad_enabled())
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or x.shape[1:] != (1, 28, 28)
             or x.requires_grad
         ):
             return net(x)
+        if not training:
+            return self.head(_modern_infer(x.contiguous(), net))  # (N, 10)
         workspace = self._workspace if torch.is_grad_enabled() else None
         feats = _ModernFeatures.apply(  # (N, 400)
             x.contiguous(),
@@ -323,6 +388,22 @@ class FastModern(nn.Module):
         return self.head(feats)  # (N, 10)
 
 
+def _modern_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
+    """(N, 1, 28, 28) -> (N, 400) in eval mode: each batch norm as y = z * scale + shift from its running
+    statistics."""
+    folded = []
+    for bn in (net.bn1, net.bn2):
+        scale = bn.weight.detach() * (bn.running_var + bn.eps).rsqrt()
+        folded += [scale, bn.bias.detach() - bn.running_mean * scale]
+    w1, w2 = net.conv1.weight.detach().contiguous(), net.conv2.weight.detach().contiguous()
+    feats = x.new_empty(len(x), 400)
+    _lib.modern_infer(
+        _ptr(x), len(x), _ptr(w1), *map(_ptr, folded[:2]), _ptr(w2), *map(_ptr, folded[2:]), _ptr(feats),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return feats
+
+
 def _same_layers(model: nn.Module, build) -> bool:
     """Whether model is an nn.Sequential with the same named layers (types and settings) as build()."""
     if not isinstance(model, nn.Sequential):
@@ -336,6 +417,22 @@ def _same_layers(model: nn.Module, build) -> bool:
         and (isinstance(layer, nn.Dropout) or layer.extra_repr() == rlayer.extra_repr())  # any dropout rate
         for (name, layer), (rname, rlayer) in zip(ours, ref, strict=True)
     )
+
+
+def affine_warp(images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """augment.affine's resampling of uint8 CPU images (N, H, W) with its per-image coefficients (N, 5):
+    float32 (N, H, W) in [0, 255]. Needs the kernel (load_extension)."""
+    images, coef = images.contiguous(), coef.to(torch.float32).contiguous()
+    out = torch.empty(images.shape, dtype=torch.float32)
+    n, height, width = images.shape
+    _lib.affine_warp(_ptr(images), n, height, width, _ptr(coef), _ptr(out), torch.get_num_threads())
+    return out
+
+
+def fma_gflop_s(rounds: int = 20_000_000, repeats: int = 3) -> float:
+    """GFLOP/s of independent fused multiply-adds on the kernels' vectors at the current thread count, best
+    of repeats: this CPU's peak fp32 rate as the kernels can use it. Needs the kernel (load_extension)."""
+    return max(_lib.lenet_fma_rate(rounds, torch.get_num_threads()) for _ in range(repeats)) / 1e9
 
 
 FUSED_CHUNK = 100  # about this many samples per kernel call: a Python round trip per ~100 samples

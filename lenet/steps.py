@@ -166,13 +166,15 @@ def make_step(cfg, model: nn.Module, optimizer, mean: float, std: float, device,
         fused = fastcpu.fused_sdlm(model, optimizer, MAP_J)
         if fused is not None:
             return FusedSDLMStep(fused, model, mean, std), model
-    # Channels-last lets oneDNN pick faster convolution kernels on CPU, but CPU batch norm is slower in it,
-    # so models with batch norm keep the default layout (docs/speed.md).
+    train_model = eval_model = (fastcpu.fast_forward(model) or model) if single_cpu else model
+    # Channels-last lets oneDNN pick faster convolution kernels on CPU, but CPU batch norm is slower in it and
+    # the fused kernels read rows (it would cost them a weight copy per step): only plain models without
+    # batch norm switch (docs/speed.md).
     has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    channels_last = device.type == "cpu" and not has_norm and _is_builtin_sequential(model)
+    plain = train_model is model and _is_builtin_sequential(model)
+    channels_last = device.type == "cpu" and not has_norm and plain
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    train_model = eval_model = (fastcpu.fast_forward(model) or model) if single_cpu else model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -11,6 +11,7 @@ compiled) is behind lenet/steps.py's one interface.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -99,10 +100,11 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # one fused kernel updates every parameter, instead of several tensor operations per parameter (and on
+    # CUDA it can be captured in a graph)
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in model.parameters()) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    # on CUDA one fused kernel updates every parameter (and can be captured in a CUDA graph)
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "adamw":
@@ -435,9 +437,13 @@ def _fit(cfg, module, dataset, device, dist_info: Distributed, say, on_epoch) ->
     try:
         ctx = _prepare(dataclasses.replace(cfg, out=str(folder.path)), module, net, optimizer, rng, folder,
                        dataset, device, dist_info, say)  # fmt: skip
+        # what exists now (torch, the data, the model) lives until training ends: full garbage collections
+        # need not scan it again and again, which otherwise costs a share of every epoch (docs/speed.md)
+        gc.freeze()
         interrupted = _run_epochs(ctx, on_epoch)
         _finish(ctx)
     finally:
+        gc.unfreeze()
         folder.release()
     chosen = folder.best if ctx.chosen is not None else None
     if chosen is not None and dist_info.is_main:  # the returned module holds the chosen epoch's weights

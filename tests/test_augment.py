@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lenet import augment, checkpoint, data
+from lenet import augment, checkpoint, data, fastcpu
 from lenet.errors import LenetError
 from lenet.evaluate import evaluate
 from lenet.train import TrainConfig, fit
@@ -75,10 +75,11 @@ def test_distorted_digits_keep_their_labels(modern_checkpoint, mnist_cache):
         assert plain > 0.97 and accuracy > 0.85, name  # chance is 0.1; 0.88-0.95 seen across checkpoints
 
 
-def test_training_with_distortions_resumes_exactly(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("name", ["affine", "elastic"])
+def test_training_with_distortions_resumes_exactly(tmp_path, tiny_dataset, name):
     def config(folder, **overrides):
         return TrainConfig(
-            model="classic", epochs=2, batch_size=32, lr=0.01, augment="elastic", device="cpu",
+            model="classic", epochs=2, batch_size=32, lr=0.01, augment=name, device="cpu",
             out=str(tmp_path / folder), val_split=0, **overrides,
         )  # fmt: skip
 
@@ -109,3 +110,18 @@ def test_unknown_distortion_is_a_clear_error(tmp_path, tiny_dataset):
         LenetError, match="--augment: unknown 'rotate', expected one of none, affine, elastic"
     ):
         fit(TrainConfig(augment="rotate", out=str(tmp_path)), log=lambda _: None, dataset=tiny_dataset)
+
+
+@pytest.mark.skipif(fastcpu.load_extension() is None, reason="no C++ compiler for the kernel")
+@pytest.mark.parametrize("strength", [0.0, 1.0, 3.0])  # 3: corners read far outside the image
+@pytest.mark.parametrize("shape", [(37, 28, 28), (5, 20, 33)])
+def test_the_cpu_kernels_affine_resampling_is_grid_samples(strength, shape, monkeypatch):
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with monkeypatch.context() as patch:  # uint8 images on CPU: the kernel resamples, not grid_sample
+        patch.setattr(augment.F, "grid_sample", None)
+        fused = augment.affine(images, torch.Generator().manual_seed(1), strength)
+    monkeypatch.setenv("LENET_NO_EXT", "1")  # the same draws through grid_sample
+    plain = augment.affine(images, torch.Generator().manual_seed(1), strength)
+    assert fused.shape == plain.shape and fused.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0.01)  # pixel values in [0, 255]
+    assert fused.min() >= 0 and fused.max() <= 255

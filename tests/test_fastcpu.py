@@ -3,6 +3,12 @@ lenet5-1998's SDLM training steps, at any batch size."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,13 +136,24 @@ def test_modern_training_with_dropout_gives_the_plain_models_weights():
 
 
 @needs_ext
-def test_modern_in_eval_mode_is_the_plain_model():
-    model = _modern_with_trained_looking_norms(1)
-    fast = fastcpu.fast_forward(model).eval()
-    x = torch.randn(5, 1, 28, 28)
+@pytest.mark.parametrize("batch", [1, 37, 300])
+def test_modern_in_eval_mode_computes_the_plain_models_function(batch, monkeypatch):
+    model = _modern_with_trained_looking_norms(batch)
+    with torch.no_grad():  # running statistics away from 0 and 1, so that folding them in matters
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    fast = fastcpu.fast_forward(model)
+    model.eval()  # the wrapped model's mode is what counts
+    x = torch.randn(batch, 1, 28, 28) * 2
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
-    assert int(model.bn1.num_batches_tracked) == 0
+        expected = model(x)
+        with monkeypatch.context() as patch:  # the conv stages run in the kernel, not in the plain layers
+            patch.setattr(model.conv1, "forward", None)
+            torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
+    assert int(model.bn1.num_batches_tracked) == 0  # evaluation leaves the running statistics alone
+    fast(x).sum().backward()  # eval mode with autograd: the plain model, so gradients reach every weight
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_fallback_when_disabled_or_not_a_known_model(monkeypatch):
@@ -261,3 +278,65 @@ def test_fused_sdlm_only_for_lenet5_and_sdlm(monkeypatch):
     assert fastcpu.fused_sdlm(rows_elsewhere, sdlm.SDLM(rows_elsewhere.parameters(), lr=1e-3), 1.0) is None
     monkeypatch.setenv("LENET_NO_EXT", "1")
     assert fastcpu.fused_sdlm(model, sdlm.SDLM(model.parameters(), lr=1e-3), 1.0) is None
+
+
+# Each process waits for the go file, loads the kernel and checks one forward pass against the plain model.
+_LOAD_AND_CHECK = """
+import os, sys, time, torch
+from lenet import fastcpu
+from lenet.models import modern
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.005)
+model = modern().eval()
+fast = fastcpu.fast_forward(model)
+assert fast is not None, "no kernel"
+x = torch.randn(20, 1, 28, 28)
+with torch.no_grad():
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+"""
+
+
+def _compiler_that_counts(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment with an empty kernel cache and a CXX that logs each build; and the log's path."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    log = tmp_path / "builds.log"
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\necho build >> "{log}"\nexec "{compiler}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "CXX": str(wrapper)}
+    env.pop("LENET_NO_EXT", None)
+    return env, log
+
+
+@needs_ext
+def test_processes_starting_at_once_on_an_empty_cache_build_the_kernel_once(tmp_path):
+    env, log = _compiler_that_counts(tmp_path)
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _LOAD_AND_CHECK, str(go)], env=env, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    go.touch()
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert "unavailable" not in "".join(errors)  # none fell back to the plain model
+    folder = tmp_path / "cache" / "lenet" / "ext"
+    assert [p.name for p in folder.glob("*.so")] == [fastcpu.library_path().name]
+    assert not list(folder.glob("build-*"))  # no temp folder left behind
+    assert log.read_text().splitlines() == ["build"]  # one process built, the others waited and loaded it
+
+
+@needs_ext
+def test_a_damaged_library_in_the_cache_is_rebuilt(tmp_path, monkeypatch):
+    env, log = _compiler_that_counts(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+    target = fastcpu.library_path()
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\x7fELF cut short")
+    (target.parent / "build-leftover").mkdir()  # a build killed midway
+    go = tmp_path / "go"
+    go.touch()
+    done = subprocess.run([sys.executable, "-c", _LOAD_AND_CHECK, str(go)], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert log.read_text().splitlines() == ["build"]
+    assert target.stat().st_size > 10_000 and not (target.parent / "build-leftover").exists()

@@ -1,9 +1,10 @@
-// Fused LeNet-5 convolution stages for CPU training: "classic" (sigmoid, average pooling) and "modern"
-// (batch norm, ReLU, max pooling); and, at the end of this file, lenet5-1998's whole SDLM training step.
+// Fused LeNet-5 convolution stages for CPU training and inference: "classic" (sigmoid, average pooling) and
+// "modern" (batch norm, ReLU, max pooling); augment.affine's resampling; and, at the end of this file,
+// lenet5-1998's whole SDLM training step.
 //
-// Samples are processed in blocks of 8, one sample per SIMD lane (GCC/Clang vector extensions), so every
-// loop is the plain scalar convolution with no padding or tail waste in the spatial dimensions; blocks run
-// in parallel with OpenMP. The maths is exactly the module's:
+// Samples are processed in blocks of L (16 with AVX-512, else 8), one sample per SIMD lane (GCC/Clang vector
+// extensions), so every loop is the plain scalar convolution with no padding or tail waste in the spatial
+// dimensions; blocks run in parallel with OpenMP. The maths is exactly the module's:
 //   conv1 (1->6, 5x5, pad 2) + bias -> sigmoid -> 2x2 average pool -> conv2 (6->16, 5x5) + bias -> sigmoid
 //   -> 2x2 average pool -> flatten (N, 400) in (channel, row, column) order.
 // modern, whose batch norm needs the whole batch's statistics between a convolution and what follows it,
@@ -19,11 +20,18 @@
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
+// Samples per block: one per lane of the widest vector the target CPU has (AVX-512: 16 floats).
+#if defined(__AVX512F__)
+constexpr int L = 16;
+#else
+constexpr int L = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int vi __attribute__((vector_size(4 * L)));
+typedef float v8 __attribute__((vector_size(32)));  // lenet5-1998's rows
 typedef int v8i __attribute__((vector_size(32)));
-constexpr int L = 8;  // samples per block (lanes)
 
-// Per-block sizes, in v8 elements.
+// Per-block sizes, in vf elements.
 constexpr int XP = 32;                      // padded input side: 28 + 2 * 2
 constexpr int X_SIZE = XP * XP;             // (32, 32)
 constexpr int S1_SIZE = 6 * 28 * 28;        // (6, 28, 28) conv1 activations
@@ -33,28 +41,29 @@ constexpr int OUT = 16 * 5 * 5;             // 400 features
 constexpr int GP = 18;                      // conv2 output gradient padded by 4 on each side
 constexpr int W1N = 6 * 25, W2N = 16 * 150;
 
-inline v8 vexp(v8 x) {
+template <class V, class VI>
+inline V vexp(V x) {
   // exp on [-87, 88]: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial for e^r, 2^n from the exponent bits.
-  const v8 lo = x - x - 87.0f, hi = x - x + 88.0f;
+  const V lo = x - x - 87.0f, hi = x - x + 88.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  v8 t = x * 1.44269504088896341f + magic;
-  v8 n = t - magic;
-  v8 r = x - n * 0.693359375f;
+  V t = x * 1.44269504088896341f + magic;
+  V n = t - magic;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v8 p = 1.9875691500e-4f + r * 0;
+  V p = 1.9875691500e-4f + r * 0;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  v8i bits = ((v8i)t << 23) + (127 << 23);
-  return p * (v8)bits;
+  VI bits = ((VI)t << 23) + (127 << 23);
+  return p * (V)bits;
 }
 
-inline v8 vsigmoid(v8 z) { return 1.0f / (1.0f + vexp(-z)); }
+inline vf vsigmoid(vf z) { return 1.0f / (1.0f + vexp<vf, vi>(-z)); }
 
 // out[i] = the sum over threads of partial[t * parts + i], in thread order: a given thread count always gives
 // the same bits.
@@ -66,8 +75,8 @@ void sum_partials(const std::vector<T>& partial, int threads, int parts, T* out)
 }
 
 // (N, 1, 28, 28) floats -> the block's zero-padded (32, 32) lanes; lanes past N stay zero.
-void load_input(const float* x, int64_t n0, int64_t n, v8* X) {
-  std::fill(X, X + X_SIZE, v8{});
+void load_input(const float* x, int64_t n0, int64_t n, vf* X) {
+  std::fill(X, X + X_SIZE, vf{});
   for (int l = 0; l < L && n0 + l < n; ++l) {
     const float* src = x + (n0 + l) * 784;
     for (int y = 0; y < 28; ++y)
@@ -76,7 +85,7 @@ void load_input(const float* x, int64_t n0, int64_t n, v8* X) {
 }
 
 // The block's (400) feature lanes -> rows n0.. of (N, 400) floats; padding lanes are not written.
-void store_features(const v8* F, int64_t n0, int64_t n, float* out) {
+void store_features(const vf* F, int64_t n0, int64_t n, float* out) {
   for (int l = 0; l < L && n0 + l < n; ++l) {
     float* dst = out + (n0 + l) * OUT;
     for (int j = 0; j < OUT; ++j) dst[j] = F[j][l];
@@ -84,20 +93,20 @@ void store_features(const v8* F, int64_t n0, int64_t n, float* out) {
 }
 
 // Rows n0.. of (N, 400) floats (feature gradients) -> the block's lanes; lanes past N stay zero.
-void load_features(const float* rows, int64_t n0, int64_t n, v8* F) {
-  std::fill(F, F + OUT, v8{});
+void load_features(const float* rows, int64_t n0, int64_t n, vf* F) {
+  std::fill(F, F + OUT, vf{});
   for (int l = 0; l < L && n0 + l < n; ++l) {
     const float* src = rows + (n0 + l) * OUT;
     for (int j = 0; j < OUT; ++j) F[j][l] = src[j];
   }
 }
 
-void pool(const v8* S, int channels, int side, v8* P) {
+void pool(const vf* S, int channels, int side, vf* P) {
   const int half = side / 2;
   for (int c = 0; c < channels; ++c)
     for (int py = 0; py < half; ++py)
       for (int px = 0; px < half; ++px) {
-        const v8* s = S + (c * side + 2 * py) * side + 2 * px;
+        const vf* s = S + (c * side + 2 * py) * side + 2 * px;
         P[(c * half + py) * half + px] = 0.25f * (s[0] + s[1] + s[side] + s[side + 1]);
       }
 }
@@ -105,15 +114,15 @@ void pool(const v8* S, int channels, int side, v8* P) {
 // conv1 (1->6, 5x5, pad 2) of the padded input X with bias b1 (or none), each output as emit(channel,
 // index in the (28, 28) map, value): 3 channels x 4 columns of accumulators.
 template <class Emit>
-void conv1(const v8* X, const float* w1, const float* b1, Emit emit) {
+void conv1(const vf* X, const float* w1, const float* b1, Emit emit) {
   for (int y = 0; y < 28; ++y)
     for (int x0 = 0; x0 < 28; x0 += 4)
       for (int c0 = 0; c0 < 6; c0 += 3) {
-        v8 acc[3][4];
+        vf acc[3][4];
         for (int c = 0; c < 3; ++c)
-          for (int i = 0; i < 4; ++i) acc[c][i] = v8{} + (b1 ? b1[c0 + c] : 0.0f);
+          for (int i = 0; i < 4; ++i) acc[c][i] = vf{} + (b1 ? b1[c0 + c] : 0.0f);
         for (int ky = 0; ky < 5; ++ky) {
-          const v8* row = X + (y + ky) * XP + x0;
+          const vf* row = X + (y + ky) * XP + x0;
           for (int kx = 0; kx < 5; ++kx)
             for (int c = 0; c < 3; ++c) {
               const float w = w1[(c0 + c) * 25 + ky * 5 + kx];
@@ -128,16 +137,16 @@ void conv1(const v8* X, const float* w1, const float* b1, Emit emit) {
 // conv2 (6->16, 5x5) of P1 (6, 14, 14) with bias b2 (or none), each output as emit(channel, index in the
 // (10, 10) map, value): 2 channels x 5 columns of accumulators.
 template <class Emit>
-void conv2(const v8* P1, const float* w2, const float* b2, Emit emit) {
+void conv2(const vf* P1, const float* w2, const float* b2, Emit emit) {
   for (int o0 = 0; o0 < 16; o0 += 2)
     for (int y = 0; y < 10; ++y)
       for (int x0 = 0; x0 < 10; x0 += 5) {
-        v8 acc[2][5];
+        vf acc[2][5];
         for (int o = 0; o < 2; ++o)
-          for (int i = 0; i < 5; ++i) acc[o][i] = v8{} + (b2 ? b2[o0 + o] : 0.0f);
+          for (int i = 0; i < 5; ++i) acc[o][i] = vf{} + (b2 ? b2[o0 + o] : 0.0f);
         for (int ic = 0; ic < 6; ++ic)
           for (int ky = 0; ky < 5; ++ky) {
-            const v8* row = P1 + (ic * 14 + y + ky) * 14 + x0;
+            const vf* row = P1 + (ic * 14 + y + ky) * 14 + x0;
             for (int kx = 0; kx < 5; ++kx)
               for (int o = 0; o < 2; ++o) {
                 const float w = w2[(o0 + o) * 150 + ic * 25 + ky * 5 + kx];
@@ -149,26 +158,26 @@ void conv2(const v8* P1, const float* w2, const float* b2, Emit emit) {
       }
 }
 
-void forward_block(const v8* X, const float* w1, const float* b1, const float* w2, const float* b2, v8* S1,
-                   v8* P1, v8* S2, v8* P2) {
-  conv1(X, w1, b1, [&](int c, int i, v8 z) { S1[c * 784 + i] = vsigmoid(z); });
+void forward_block(const vf* X, const float* w1, const float* b1, const float* w2, const float* b2, vf* S1,
+                   vf* P1, vf* S2, vf* P2) {
+  conv1(X, w1, b1, [&](int c, int i, vf z) { S1[c * 784 + i] = vsigmoid(z); });
   pool(S1, 6, 28, P1);
-  conv2(P1, w2, b2, [&](int o, int i, v8 z) { S2[o * 100 + i] = vsigmoid(z); });
+  conv2(P1, w2, b2, [&](int o, int i, vf z) { S2[o * 100 + i] = vsigmoid(z); });
   pool(S2, 16, 10, P2);
 }
 
 // conv2's backward from the gradient at its output, gz2, held in the interior of the zero-bordered
 // (16, 18, 18) GZ2P: dw2 += the weight gradient (lane-wise), GP1 = the gradient at its input (6, 14, 14).
-void conv2_backward(const v8* GZ2P, const v8* P1, const float* w2, v8* dw2, v8* GP1) {
+void conv2_backward(const vf* GZ2P, const vf* P1, const float* w2, vf* dw2, vf* GP1) {
   // dW2[o][ic][ky][kx] = sum_{y,x} gz2[o][y][x] * p1[ic][y+ky][x+kx]: 2 channels x 5 taps of accumulators.
   for (int o0 = 0; o0 < 16; o0 += 2)
     for (int ic = 0; ic < 6; ++ic)
       for (int ky = 0; ky < 5; ++ky) {
-        v8 acc[2][5] = {};
+        vf acc[2][5] = {};
         for (int y = 0; y < 10; ++y) {
-          const v8* prow = P1 + (ic * 14 + y + ky) * 14;
-          const v8* g0 = GZ2P + ((o0 * GP) + y + 4) * GP + 4;
-          const v8* g1 = g0 + GP * GP;
+          const vf* prow = P1 + (ic * 14 + y + ky) * 14;
+          const vf* g0 = GZ2P + ((o0 * GP) + y + 4) * GP + 4;
+          const vf* g1 = g0 + GP * GP;
           for (int x = 0; x < 10; ++x)
             for (int kx = 0; kx < 5; ++kx) {
               acc[0][kx] += g0[x] * prow[x + kx];
@@ -183,10 +192,10 @@ void conv2_backward(const v8* GZ2P, const v8* P1, const float* w2, v8* dw2, v8* 
   for (int py = 0; py < 14; ++py) {
     const int ky_lo = std::max(0, py - 9), ky_hi = std::min(4, py);
     for (int px0 = 0; px0 < 14; px0 += 2) {
-      v8 acc[6][2] = {};
+      vf acc[6][2] = {};
       for (int o = 0; o < 16; ++o)
         for (int ky = ky_lo; ky <= ky_hi; ++ky) {
-          const v8* g = GZ2P + (o * GP + py - ky + 4) * GP + px0 + 4;
+          const vf* g = GZ2P + (o * GP + py - ky + 4) * GP + px0 + 4;
           const float* w = w2 + o * 150 + ky * 5;
           for (int kx = 0; kx < 5; ++kx)
             for (int ic = 0; ic < 6; ++ic) {
@@ -205,14 +214,14 @@ void conv2_backward(const v8* GZ2P, const v8* P1, const float* w2, v8* dw2, v8* 
 
 // dw1 += conv1's weight gradient (lane-wise) from the gradient at its output GZ1 (6, 28, 28) and the padded
 // input X: dW1[c][ky][kx] = sum_{y,x} gz1[c][y][x] * xpad[y+ky][x+kx], 2 channels x 5 taps of accumulators.
-void conv1_weight_grad(const v8* X, const v8* GZ1, v8* dw1) {
+void conv1_weight_grad(const vf* X, const vf* GZ1, vf* dw1) {
   for (int c0 = 0; c0 < 6; c0 += 2)
     for (int ky = 0; ky < 5; ++ky) {
-      v8 acc[2][5] = {};
+      vf acc[2][5] = {};
       for (int y = 0; y < 28; ++y) {
-        const v8* xrow = X + (y + ky) * XP;
-        const v8* g0 = GZ1 + (c0 * 28 + y) * 28;
-        const v8* g1 = g0 + 28 * 28;
+        const vf* xrow = X + (y + ky) * XP;
+        const vf* g0 = GZ1 + (c0 * 28 + y) * 28;
+        const vf* g1 = g0 + 28 * 28;
         for (int x = 0; x < 28; ++x)
           for (int kx = 0; kx < 5; ++kx) {
             acc[0][kx] += g0[x] * xrow[x + kx];
@@ -225,14 +234,14 @@ void conv1_weight_grad(const v8* X, const v8* GZ1, v8* dw1) {
 }
 
 // Gradients of one block. dw1/db1/dw2/db2 are the thread's lane-wise accumulators.
-void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const v8* G2, const float* w2,
-                    v8* GZ2P, v8* GP1, v8* GZ1, v8* dw1, v8* db1, v8* dw2, v8* db2) {
+void backward_block(const vf* X, const vf* S1, const vf* P1, const vf* S2, const vf* G2, const float* w2,
+                    vf* GZ2P, vf* GP1, vf* GZ1, vf* dw1, vf* db1, vf* dw2, vf* db2) {
   // d(conv2 pre-activation), written into the interior of the zero-bordered (16, 18, 18) buffer.
   for (int o = 0; o < 16; ++o)
     for (int y = 0; y < 10; ++y)
       for (int x = 0; x < 10; ++x) {
-        const v8 s = S2[(o * 10 + y) * 10 + x];
-        const v8 g = 0.25f * G2[o * 25 + (y / 2) * 5 + x / 2] * s * (1.0f - s);
+        const vf s = S2[(o * 10 + y) * 10 + x];
+        const vf g = 0.25f * G2[o * 25 + (y / 2) * 5 + x / 2] * s * (1.0f - s);
         GZ2P[(o * GP + y + 4) * GP + x + 4] = g;
         db2[o] += g;
       }
@@ -241,15 +250,15 @@ void backward_block(const v8* X, const v8* S1, const v8* P1, const v8* S2, const
   for (int c = 0; c < 6; ++c)
     for (int y = 0; y < 28; ++y)
       for (int x = 0; x < 28; ++x) {
-        const v8 s = S1[(c * 28 + y) * 28 + x];
-        const v8 g = 0.25f * GP1[(c * 14 + y / 2) * 14 + x / 2] * s * (1.0f - s);
+        const vf s = S1[(c * 28 + y) * 28 + x];
+        const vf g = 0.25f * GP1[(c * 14 + y / 2) * 14 + x / 2] * s * (1.0f - s);
         GZ1[(c * 28 + y) * 28 + x] = g;
         db1[c] += g;
       }
   conv1_weight_grad(X, GZ1, dw1);
 }
 
-float lane_sum(v8 v) {
+float lane_sum(vf v) {
   float s = 0;
   for (int l = 0; l < L; ++l) s += v[l];
   return s;
@@ -259,20 +268,22 @@ float lane_sum(v8 v) {
 
 extern "C" {
 
+// 0-2: floats per block of the saved activations s1, p1, s2; 3: floats of the conv gradients; 4: samples
+// per block.
 int lenet_sizes(int which) {
-  const int sizes[] = {S1_SIZE * L, P1_SIZE * L, S2_SIZE * L, W1N + 6 + W2N + 16};
+  const int sizes[] = {S1_SIZE * L, P1_SIZE * L, S2_SIZE * L, W1N + 6 + W2N + 16, L};
   return sizes[which];
 }
 
 // x (n, 1, 28, 28) and the contiguous conv parameters -> out (n, 400), plus the activations backward needs:
-// s1 (blocks, 6*28*28*8), p1 (blocks, 6*14*14*8), s2 (blocks, 16*10*10*8) with blocks = ceil(n / 8).
+// s1 (blocks, 6*28*28*L), p1 (blocks, 6*14*14*L), s2 (blocks, 16*10*10*L) with blocks = ceil(n / L).
 void lenet_forward(const float* x, int64_t n, const float* w1, const float* b1, const float* w2,
                    const float* b2, float* out, float* s1, float* p1, float* s2, int threads) {
   const int64_t blocks = (n + L - 1) / L;
-  v8 *s1p = reinterpret_cast<v8*>(s1), *p1p = reinterpret_cast<v8*>(p1), *s2p = reinterpret_cast<v8*>(s2);
+  vf *s1p = reinterpret_cast<vf*>(s1), *p1p = reinterpret_cast<vf*>(p1), *s2p = reinterpret_cast<vf*>(s2);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> X(X_SIZE), P2(OUT);
+    std::vector<vf> X(X_SIZE), P2(OUT);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
@@ -289,7 +300,7 @@ void lenet_infer(const float* x, int64_t n, const float* w1, const float* b1, co
   const int64_t blocks = (n + L - 1) / L;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> X(X_SIZE), S1(S1_SIZE), P1(P1_SIZE), S2(S2_SIZE), P2(OUT);
+    std::vector<vf> X(X_SIZE), S1(S1_SIZE), P1(P1_SIZE), S2(S2_SIZE), P2(OUT);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
@@ -304,13 +315,13 @@ void lenet_backward(const float* grad, const float* x, int64_t n, const float* w
                     const float* p1, const float* s2, float* grads, int threads) {
   const int64_t blocks = (n + L - 1) / L;
   constexpr int PARTS = W1N + 6 + W2N + 16;
-  const v8 *s1p = reinterpret_cast<const v8*>(s1), *p1p = reinterpret_cast<const v8*>(p1);
-  const v8* s2p = reinterpret_cast<const v8*>(s2);
+  const vf *s1p = reinterpret_cast<const vf*>(s1), *p1p = reinterpret_cast<const vf*>(p1);
+  const vf* s2p = reinterpret_cast<const vf*>(s2);
   std::vector<float> partial(static_cast<size_t>(threads) * PARTS, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> X(X_SIZE), G2(OUT), GZ2P(16 * GP * GP), GP1(P1_SIZE), GZ1(S1_SIZE), acc(PARTS);
-    v8 *dw1 = acc.data(), *db1 = dw1 + W1N, *dw2 = db1 + 6, *db2 = dw2 + W2N;
+    std::vector<vf> X(X_SIZE), G2(OUT), GZ2P(16 * GP * GP), GP1(P1_SIZE), GZ1(S1_SIZE), acc(PARTS);
+    vf *dw1 = acc.data(), *db1 = dw1 + W1N, *dw2 = db1 + 6, *db2 = dw2 + W2N;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
@@ -332,13 +343,13 @@ namespace {
 // ---- modern ----------------------------------------------------------------------------------------------
 
 // 1.0 in the lanes that hold samples, 0.0 in the padding lanes of the last block.
-v8 lane_mask(int64_t n0, int64_t n) {
-  v8 m = {};
+vf lane_mask(int64_t n0, int64_t n) {
+  vf m = {};
   for (int l = 0; l < L && n0 + l < n; ++l) m[l] = 1.0f;
   return m;
 }
 
-double lane_sum_d(v8 v) {
+double lane_sum_d(vf v) {
   double s = 0;
   for (int l = 0; l < L; ++l) s += v[l];
   return s;
@@ -346,9 +357,9 @@ double lane_sum_d(v8 v) {
 
 // conv1 without bias into Z1 (6, 28, 28); per-channel sum and sum of squares added to stats[0..5], [6..11].
 // Padding lanes hold zero input, so zero output: they add nothing.
-void modern_conv1_block(const v8* X, const float* w1, v8* Z1, double* stats) {
-  v8 sum[6] = {}, sq[6] = {};
-  conv1(X, w1, nullptr, [&](int c, int i, v8 z) {
+void modern_conv1_block(const vf* X, const float* w1, vf* Z1, double* stats) {
+  vf sum[6] = {}, sq[6] = {};
+  conv1(X, w1, nullptr, [&](int c, int i, vf z) {
     Z1[c * 784 + i] = z;
     sum[c] += z;
     sq[c] += z * z;
@@ -360,18 +371,18 @@ void modern_conv1_block(const v8* X, const float* w1, v8* Z1, double* stats) {
 }
 
 // y = z * scale + shift, ReLU, 2x2 max pool: Z (channels, side, side) -> P (channels, side/2, side/2).
-void bn_relu_maxpool(const v8* Z, const float* scale, const float* shift, int channels, int side, v8* P) {
+void bn_relu_maxpool(const vf* Z, const float* scale, const float* shift, int channels, int side, vf* P) {
   const int half = side / 2;
   for (int c = 0; c < channels; ++c) {
-    const v8 s = v8{} + scale[c], t = v8{} + shift[c];
+    const vf s = vf{} + scale[c], t = vf{} + shift[c];
     for (int py = 0; py < half; ++py)
       for (int px = 0; px < half; ++px) {
-        const v8* z = Z + (c * side + 2 * py) * side + 2 * px;
-        v8 m = z[0] * s + t, v;
+        const vf* z = Z + (c * side + 2 * py) * side + 2 * px;
+        vf m = z[0] * s + t, v;
         v = z[1] * s + t, m = v > m ? v : m;
         v = z[side] * s + t, m = v > m ? v : m;
         v = z[side + 1] * s + t, m = v > m ? v : m;
-        P[(c * half + py) * half + px] = m > 0.0f ? m : v8{};
+        P[(c * half + py) * half + px] = m > 0.0f ? m : vf{};
       }
   }
 }
@@ -379,27 +390,27 @@ void bn_relu_maxpool(const v8* Z, const float* scale, const float* shift, int ch
 // The inverse route of bn_relu_maxpool: each pooled gradient G goes to the first maximum of its 2x2 window
 // (as PyTorch's max pool picks it) when that maximum is positive (ReLU), into DY (channels, side, side),
 // zero elsewhere. sums[c] += sum of dy, sums[channels + c] += sum of dy * z.
-void maxpool_relu_backward(const v8* G, const v8* Z, const float* scale, const float* shift, int channels,
-                           int side, v8* DY, double* sums) {
+void maxpool_relu_backward(const vf* G, const vf* Z, const float* scale, const float* shift, int channels,
+                           int side, vf* DY, double* sums) {
   const int half = side / 2;
   for (int c = 0; c < channels; ++c) {
-    const v8 s = v8{} + scale[c], t = v8{} + shift[c];
-    v8 sum_dy = {}, sum_dyz = {};
+    const vf s = vf{} + scale[c], t = vf{} + shift[c];
+    vf sum_dy = {}, sum_dyz = {};
     for (int py = 0; py < half; ++py)
       for (int px = 0; px < half; ++px) {
         const int base = (c * side + 2 * py) * side + 2 * px;
         const int offsets[4] = {0, 1, side, side + 1};
-        v8 m = Z[base] * s + t;
-        v8i pick = {};  // 0..3: which of the four holds the first maximum
+        vf m = Z[base] * s + t;
+        vi pick = {};  // 0..3: which of the four holds the first maximum
         for (int k = 1; k < 4; ++k) {
-          const v8 v = Z[base + offsets[k]] * s + t;
-          const v8i greater = v > m;
+          const vf v = Z[base + offsets[k]] * s + t;
+          const vi greater = v > m;
           m = greater ? v : m;
-          pick = greater ? (v8i{} + k) : pick;
+          pick = greater ? (vi{} + k) : pick;
         }
-        const v8 g = m > 0.0f ? G[(c * half + py) * half + px] : v8{};
+        const vf g = m > 0.0f ? G[(c * half + py) * half + px] : vf{};
         for (int k = 0; k < 4; ++k) {
-          const v8 dy = pick == k ? g : v8{};
+          const vf dy = pick == k ? g : vf{};
           DY[base + offsets[k]] = dy;
           sum_dy += dy;
           sum_dyz += dy * Z[base + offsets[k]];
@@ -414,25 +425,25 @@ void maxpool_relu_backward(const v8* G, const v8* Z, const float* scale, const f
 
 extern "C" {
 
-// Forward pass 1: x (n, 1, 28, 28) -> z1 (blocks, 6*28*28*8); stats (12 doubles): sums, sums of squares.
+// Forward pass 1: x (n, 1, 28, 28) -> z1 (blocks, 6*28*28*L); stats (12 doubles): sums, sums of squares.
 void modern_conv1(const float* x, int64_t n, const float* w1, float* z1, double* stats, int threads) {
   const int64_t blocks = (n + L - 1) / L;
   std::vector<double> partial(static_cast<size_t>(threads) * 12, 0.0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> X(X_SIZE);
+    std::vector<vf> X(X_SIZE);
     double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 12;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
-      modern_conv1_block(X.data(), w1, reinterpret_cast<v8*>(z1) + b * S1_SIZE, mine);
+      modern_conv1_block(X.data(), w1, reinterpret_cast<vf*>(z1) + b * S1_SIZE, mine);
     }
   }
   sum_partials(partial, threads, 12, stats);
 }
 
 // Forward pass 2: z1 -> batch norm 1 (as scale, shift), ReLU, max pool -> p1 (kept for backward) -> conv2
-// without bias -> z2 (blocks, 16*10*10*8); stats (32 doubles): sums, sums of squares over real samples.
+// without bias -> z2 (blocks, 16*10*10*L); stats (32 doubles): sums, sums of squares over real samples.
 void modern_conv2(const float* z1, int64_t n, const float* scale1, const float* shift1, const float* w2,
                   float* p1, float* z2, double* stats, int threads) {
   const int64_t blocks = (n + L - 1) / L;
@@ -442,12 +453,12 @@ void modern_conv2(const float* z1, int64_t n, const float* scale1, const float* 
     double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 32;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      v8* P1 = reinterpret_cast<v8*>(p1) + b * P1_SIZE;
-      v8* Z2 = reinterpret_cast<v8*>(z2) + b * S2_SIZE;
-      bn_relu_maxpool(reinterpret_cast<const v8*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28, P1);
-      const v8 valid = lane_mask(b * L, n);  // padding lanes pool to max(shift, 0): keep them out of stats
-      v8 sum[16] = {}, sq[16] = {};
-      conv2(P1, w2, nullptr, [&](int o, int i, v8 z) {
+      vf* P1 = reinterpret_cast<vf*>(p1) + b * P1_SIZE;
+      vf* Z2 = reinterpret_cast<vf*>(z2) + b * S2_SIZE;
+      bn_relu_maxpool(reinterpret_cast<const vf*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28, P1);
+      const vf valid = lane_mask(b * L, n);  // padding lanes pool to max(shift, 0): keep them out of stats
+      vf sum[16] = {}, sq[16] = {};
+      conv2(P1, w2, nullptr, [&](int o, int i, vf z) {
         Z2[o * 100 + i] = z;
         z *= valid;
         sum[o] += z;
@@ -468,16 +479,36 @@ void modern_pool2(const float* z2, int64_t n, const float* scale2, const float* 
   const int64_t blocks = (n + L - 1) / L;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> P2(OUT);
+    std::vector<vf> P2(OUT);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      bn_relu_maxpool(reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10, P2.data());
+      bn_relu_maxpool(reinterpret_cast<const vf*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10, P2.data());
       store_features(P2.data(), b * L, n, out);
     }
   }
 }
 
-// Backward pass 1: grad (n, 400) -> dy2 (blocks, 16*10*10*8), the gradient at batch norm 2's output;
+// Inference (eval mode): x (n, 1, 28, 28) -> out (n, 400), each batch norm given as the per-channel scale
+// and shift its running statistics make of it; one block's scratch per thread, no activations kept.
+void modern_infer(const float* x, int64_t n, const float* w1, const float* scale1, const float* shift1,
+                  const float* w2, const float* scale2, const float* shift2, float* out, int threads) {
+  const int64_t blocks = (n + L - 1) / L;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<vf> X(X_SIZE), Z1(S1_SIZE), P1(P1_SIZE), Z2(S2_SIZE), P2(OUT);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      load_input(x, b * L, n, X.data());
+      conv1(X.data(), w1, nullptr, [&](int c, int i, vf z) { Z1[c * 784 + i] = z; });
+      bn_relu_maxpool(Z1.data(), scale1, shift1, 6, 28, P1.data());
+      conv2(P1.data(), w2, nullptr, [&](int o, int i, vf z) { Z2[o * 100 + i] = z; });
+      bn_relu_maxpool(Z2.data(), scale2, shift2, 16, 10, P2.data());
+      store_features(P2.data(), b * L, n, out);
+    }
+  }
+}
+
+// Backward pass 1: grad (n, 400) -> dy2 (blocks, 16*10*10*L), the gradient at batch norm 2's output;
 // sums (32 doubles): per channel sum of dy and of dy * z2.
 void modern_back_pool2(const float* grad, int64_t n, const float* z2, const float* scale2,
                        const float* shift2, float* dy2, double* sums, int threads) {
@@ -485,20 +516,20 @@ void modern_back_pool2(const float* grad, int64_t n, const float* z2, const floa
   std::vector<double> partial(static_cast<size_t>(threads) * 32, 0.0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> G(OUT);
+    std::vector<vf> G(OUT);
     double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * 32;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_features(grad, b * L, n, G.data());
-      maxpool_relu_backward(G.data(), reinterpret_cast<const v8*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10,
-                            reinterpret_cast<v8*>(dy2) + b * S2_SIZE, mine);
+      maxpool_relu_backward(G.data(), reinterpret_cast<const vf*>(z2) + b * S2_SIZE, scale2, shift2, 16, 10,
+                            reinterpret_cast<vf*>(dy2) + b * S2_SIZE, mine);
     }
   }
   sum_partials(partial, threads, 32, sums);
 }
 
 // Backward pass 2: dz2 = a * dy2 + bz * z2 + c per channel (coef2: a[16], bz[16], c[16], batch norm 2's
-// backward) -> dw2 (2400, overwritten), and through conv2, max pool 1 and ReLU to dy1 (blocks, 6*28*28*8);
+// backward) -> dw2 (2400, overwritten), and through conv2, max pool 1 and ReLU to dy1 (blocks, 6*28*28*L);
 // sums1 (12 doubles): per channel sum of dy1 and of dy1 * z1.
 void modern_back_conv2(const float* dy2, int64_t n, const float* z2, const float* coef2, const float* p1,
                        const float* w2, const float* z1, const float* scale1, const float* shift1, float* dy1,
@@ -508,14 +539,14 @@ void modern_back_conv2(const float* dy2, int64_t n, const float* z2, const float
   std::vector<double> partial_s(static_cast<size_t>(threads) * 12, 0.0);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> GZ2P(16 * GP * GP), GP1(P1_SIZE), acc_w(W2N);
+    std::vector<vf> GZ2P(16 * GP * GP), GP1(P1_SIZE), acc_w(W2N);
     double* mine = partial_s.data() + static_cast<size_t>(omp_get_thread_num()) * 12;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const v8* DY2 = reinterpret_cast<const v8*>(dy2) + b * S2_SIZE;
-      const v8* Z2 = reinterpret_cast<const v8*>(z2) + b * S2_SIZE;
-      const v8* P1 = reinterpret_cast<const v8*>(p1) + b * P1_SIZE;
-      const v8 valid = lane_mask(b * L, n);
+      const vf* DY2 = reinterpret_cast<const vf*>(dy2) + b * S2_SIZE;
+      const vf* Z2 = reinterpret_cast<const vf*>(z2) + b * S2_SIZE;
+      const vf* P1 = reinterpret_cast<const vf*>(p1) + b * P1_SIZE;
+      const vf valid = lane_mask(b * L, n);
       for (int o = 0; o < 16; ++o) {
         const float a = coef2[o], bz = coef2[16 + o], c = coef2[32 + o];
         for (int y = 0; y < 10; ++y)
@@ -525,8 +556,8 @@ void modern_back_conv2(const float* dy2, int64_t n, const float* z2, const float
           }
       }
       conv2_backward(GZ2P.data(), P1, w2, acc_w.data(), GP1.data());
-      maxpool_relu_backward(GP1.data(), reinterpret_cast<const v8*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28,
-                            reinterpret_cast<v8*>(dy1) + b * S1_SIZE, mine);
+      maxpool_relu_backward(GP1.data(), reinterpret_cast<const vf*>(z1) + b * S1_SIZE, scale1, shift1, 6, 28,
+                            reinterpret_cast<vf*>(dy1) + b * S1_SIZE, mine);
     }
     float* mine_w = partial_w.data() + static_cast<size_t>(omp_get_thread_num()) * W2N;
     for (int i = 0; i < W2N; ++i) mine_w[i] = lane_sum(acc_w[i]);
@@ -543,12 +574,12 @@ void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float*
   std::vector<float> partial(static_cast<size_t>(threads) * W1N, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<v8> X(X_SIZE), GZ1(S1_SIZE), acc_w(W1N);
+    std::vector<vf> X(X_SIZE), GZ1(S1_SIZE), acc_w(W1N);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       load_input(x, b * L, n, X.data());
-      const v8* DY1 = reinterpret_cast<const v8*>(dy1) + b * S1_SIZE;
-      const v8* Z1 = reinterpret_cast<const v8*>(z1) + b * S1_SIZE;
+      const vf* DY1 = reinterpret_cast<const vf*>(dy1) + b * S1_SIZE;
+      const vf* Z1 = reinterpret_cast<const vf*>(z1) + b * S1_SIZE;
       for (int c = 0; c < 6; ++c) {
         const float a = coef1[c], bz = coef1[6 + c], k = coef1[12 + c];
         for (int i = c * 784; i < (c + 1) * 784; ++i) GZ1[i] = a * DY1[i] + bz * Z1[i] + k;
@@ -559,6 +590,76 @@ void modern_back_conv1(const float* dy1, const float* x, int64_t n, const float*
     for (int i = 0; i < W1N; ++i) mine[i] = lane_sum(acc_w[i]);
   }
   sum_partials(partial, threads, W1N, dw1);
+}
+
+}  // extern "C"
+
+// ---- peak arithmetic rate --------------------------------------------------------------------------------
+
+extern "C" {
+
+// FLOPs per second of independent multiply-adds on full vectors (12 chains per thread, enough to fill the
+// pipelines), over `rounds` rounds on `threads` threads: the rate the kernels' arithmetic can approach.
+double lenet_fma_rate(int64_t rounds, int threads) {
+  constexpr int CHAINS = 12;
+  float sink = 0.0f;
+  const double started = omp_get_wtime();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    vf acc[CHAINS];
+    for (int i = 0; i < CHAINS; ++i) acc[i] = vf{} + (1.0f + i * 1e-3f);
+    const vf scale = vf{} + 0.999999f, step = vf{} + 1e-6f;
+    for (int64_t r = 0; r < rounds; ++r)
+      for (int i = 0; i < CHAINS; ++i) acc[i] = acc[i] * scale + step;
+    for (int i = 0; i < CHAINS; ++i) sink += acc[i][0];
+  }
+  const double seconds = omp_get_wtime() - started;
+  return sink == 0.0f ? 0.0 : 2.0 * L * CHAINS * rounds * threads / seconds;  // sink keeps the loop alive
+}
+
+}  // extern "C"
+
+// ---- affine distortions ---------------------------------------------------------------------------------
+
+extern "C" {
+
+// augment.affine's resampling: images (n, h, w) uint8 -> out (n, h, w) floats in [0, 255]. Output pixel
+// (i, j), at normalised centre (px, py), reads the input bilinearly at normalised (c0 (px - c3) + c1 (py -
+// c4), c2 (py - c4)), coef (n, 5) holding c0..c4 per image; inputs outside the image read 0. That is
+// grid_sample's bilinear, zero-padded, align_corners=False sampling. The source row depends on i alone, so
+// each output row blends two input rows first, then samples along the blend. Rows and columns carry a zero
+// border of 2 pixels: a coordinate clamped into the border reads zeros only, so no tap needs a test, and
+// coordinates offset by 2 are non-negative, so truncation is floor.
+void affine_warp(const uint8_t* images, int64_t n, int h, int w, const float* coef, float* out, int threads) {
+  const int pw = w + 4;
+  const float hf = h, wf = w;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> padded(static_cast<size_t>(h + 4) * pw, 0.0f), blend(pw);
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < n; ++k) {
+      const uint8_t* src = images + k * h * w;
+      for (int y = 0; y < h; ++y)
+        for (int x = 0; x < w; ++x) padded[(y + 2) * pw + x + 2] = src[y * w + x];
+      const float* c = coef + k * 5;
+      float* dst = out + k * h * w;
+      for (int i = 0; i < h; ++i) {
+        const float ys = (i * 2 + 1) / hf - 1 - c[4];
+        const float iy = std::min(std::max(((c[2] * ys + 1) * hf - 1) / 2, -2.0f), hf) + 2;
+        const int y0 = static_cast<int>(iy);
+        const float fy = iy - y0;
+        const float *top = padded.data() + y0 * pw, *bottom = top + pw;
+        for (int x = 0; x < pw; ++x) blend[x] = top[x] * (1 - fy) + bottom[x] * fy;
+        for (int j = 0; j < w; ++j) {
+          const float xs = (j * 2 + 1) / wf - 1 - c[3];
+          const float ix = std::min(std::max(((c[0] * xs + c[1] * ys + 1) * wf - 1) / 2, -2.0f), wf) + 2;
+          const int x0 = static_cast<int>(ix);
+          const float fx = ix - x0;
+          dst[i * w + j] = std::min(std::max(blend[x0] * (1 - fx) + blend[x0 + 1] * fx, 0.0f), 255.0f);
+        }
+      }
+    }
+  }
 }
 
 }  // extern "C"
@@ -583,7 +684,7 @@ void squash(float* a, int n) {
   for (int i = 0; i < n; i += 8) {
     v8 z;
     __builtin_memcpy(&z, a + i, sizeof z);
-    z = SQ_A * (1.0f - 2.0f / (vexp(z * (2.0f * SQ_S)) + 1.0f));
+    z = SQ_A * (1.0f - 2.0f / (vexp<v8, v8i>(z * (2.0f * SQ_S)) + 1.0f));
     __builtin_memcpy(a + i, &z, sizeof z);
   }
 }
