@@ -97,8 +97,8 @@ def test_training_with_distortions_resumes_exactly(tmp_path, tiny_dataset, name)
     fit(config("b", resume=True), log=lambda _: None, dataset=tiny_dataset)
     a, b = (checkpoint.load(tmp_path / f / "last.safetensors") for f in ("a", "b"))
     assert "rng.augment" in a.tensors
-    for name in a.model_state:
-        assert torch.equal(a.model_state[name], b.model_state[name]), name
+    for tensor in a.model_state:
+        assert torch.equal(a.model_state[tensor], b.model_state[tensor]), tensor
     plain = TrainConfig(**{**config("c").__dict__, "augment": "none"})
     fit(plain, log=lambda _: None, dataset=tiny_dataset)
     c = checkpoint.load(tmp_path / "c" / "last.safetensors")
