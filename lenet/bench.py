@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lenet.errors import LenetError
+
 BATCH = 256
 
 
@@ -243,6 +245,70 @@ def bench_train(steps: int = 60, rounds: int = 2) -> dict:
             result[f"lenet5_sdlm_batch{batch}_baseline_images_per_s"] = round(plain, 1)
             result[f"lenet5_sdlm_batch{batch}_images_per_s"] = round(fused, 1)
             result[f"lenet5_sdlm_batch{batch}_speedup"] = round(fused / plain, 2)
+    return result
+
+
+def _cuda_steps_per_s(dataset, name: str, steps: int, tutorial: bool) -> float:
+    """Images/s on the GPU: the tutorial's loop (eager Adam at batch 256, the batch a DataLoader of the
+    in-memory data hands over) or fit's step for the model's GPU recipe (CudaGraphStep), timed with the
+    device synchronised at both ends; distortions off in both."""
+    from lenet import data
+    from lenet import steps as steps_module
+    from lenet.config import TrainConfig
+    from lenet.models import build
+    from lenet.train import make_optimizer
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build(name).to(device).train()
+    cfg = TrainConfig(model=name, device="cuda", augment="none")
+    if tutorial:
+        cfg = TrainConfig(model=name, device="cuda", augment="none", batch_size=BATCH, lr=1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        mean, std, layout = data.MNIST_MEAN, data.MNIST_STD, torch.contiguous_format
+        step = steps_module.PlainStep(model, optimizer, mean, std, BATCH, "cross-entropy", layout)
+    else:
+        step, _ = steps_module.make_step(cfg, model, make_optimizer(cfg, model), data.MNIST_MEAN,
+                                         data.MNIST_STD, device, 1)  # fmt: skip
+    images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
+    batches = data.batches(images, labels, cfg.batch_size, shuffle=True, generator=torch.Generator(),
+                           drop_last=True)  # fmt: skip
+    batch_list = [b for _, b in zip(range(steps + 10), batches, strict=False)]
+    for x, y in batch_list[:10]:  # warm-up, and for the graph step its capture
+        step(x, y, cfg.lr, 1)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for x, y in batch_list[10:]:
+        step(x, y, cfg.lr, 1)
+    torch.cuda.synchronize()
+    return (len(batch_list) - 10) * cfg.batch_size / (time.perf_counter() - started)
+
+
+def bench_train_cuda(steps: int = 200) -> dict:
+    """On one CUDA GPU: the tutorial's eager loop against fit's captured step, for classic and modern, and
+    evaluation of the 10,000 test images."""
+    from lenet import data
+    from lenet.evaluate import predict_logits
+    from lenet.models import build
+
+    if not torch.cuda.is_available():
+        raise LenetError("--device cuda: CUDA is not available on this machine")
+    dataset = data.load("mnist")
+    result: dict = {"suite": "train", "device": torch.cuda.get_device_name()}
+    for name in ("classic", "modern"):
+        result[f"{name}_baseline_images_per_s"] = round(_cuda_steps_per_s(dataset, name, steps, True))
+        result[f"{name}_images_per_s"] = round(_cuda_steps_per_s(dataset, name, steps, False))
+        result[f"{name}_speedup"] = round(
+            result[f"{name}_images_per_s"] / result[f"{name}_baseline_images_per_s"], 2
+        )
+        model, test = build(name).cuda().eval(), dataset.test_images.cuda()
+        predict_logits(model, test, data.MNIST_MEAN, data.MNIST_STD, batch_size=len(test))
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            predict_logits(model, test, data.MNIST_MEAN, data.MNIST_STD, batch_size=len(test))
+        torch.cuda.synchronize()
+        result[f"{name}_eval_images_per_s"] = round(10 * len(test) / (time.perf_counter() - started))
     return result
 
 
@@ -697,7 +763,11 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
     }
 
 
-def run(suite: str, quick: bool = False) -> dict:
+def run(suite: str, quick: bool = False, device: str = "cpu") -> dict:
+    if suite == "train" and device == "cuda":
+        return bench_train_cuda(steps=20) if quick else bench_train_cuda()
+    if device != "cpu":
+        raise LenetError(f"--device {device}: only `lenet bench train` runs on a GPU")
     if suite == "train":
         return bench_train(steps=5, rounds=1) if quick else bench_train()
     if suite == "export":

@@ -88,8 +88,9 @@ def backend_of(model_path: str, backend: str) -> str:
     return backend
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from lenet.imagefiles import expand_paths, load_classifier, predict_files, top_k
+def _images_and_classifier(args: argparse.Namespace):
+    """The image paths of `predict` and `read` (files, folders, globs, "-" once), and the classifier."""
+    from lenet.imagefiles import expand_paths, load_classifier
 
     paths = expand_paths(args.paths)
     if paths.count("-") > 1:
@@ -97,6 +98,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classify, classes = load_classifier(
         args.checkpoint, backend_of(args.checkpoint, args.backend), args.device
     )
+    return paths, classify, classes
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lenet.imagefiles import predict_files, top_k
+
+    paths, classify, classes = _images_and_classifier(args)
     if not 1 <= args.top_k <= len(classes):
         raise LenetError(f"--top-k: expected 1 to {len(classes)}, got {args.top_k}")
     failed = 0
@@ -119,15 +127,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from lenet.imagefiles import expand_paths, load_classifier
     from lenet.read import read_number
 
-    paths = expand_paths(args.paths)
-    if paths.count("-") > 1:
-        raise LenetError("-: stdin holds one image; name it once")
-    classify, classes = load_classifier(
-        args.checkpoint, backend_of(args.checkpoint, args.backend), args.device
-    )
+    paths, classify, classes = _images_and_classifier(args)
     stdin = sys.stdin.buffer.read() if "-" in paths else None
     failed = 0
     for path in paths:
@@ -209,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lenet import bench
 
-    result = bench.run(args.suite, quick=args.quick)
+    result = bench.run(args.suite, quick=args.quick, device=args.device)
     print(json.dumps(result) if args.json else bench.format_result(result))
     return 0
 
@@ -250,7 +252,19 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenet", description="LeNet-5: train, inspect, use and ship it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _training_commands(sub)
+    _checkpoint_commands(sub)
+    _image_commands(sub)
+    p = sub.add_parser("bench", help="speed, always beside a baseline measured in the same run")
+    p.add_argument("suite", choices=("train", "export", "predict", "serve"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="fewer steps (for smoke tests)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="train only: where to train")
+    p.set_defaults(func=cmd_bench)
+    return parser
 
+
+def _training_commands(sub) -> None:
     p = sub.add_parser("summary", help="per-layer output shapes and parameter counts")
     p.add_argument("--model", default="classic", choices=MODELS)
     p.add_argument("--input-size", nargs=2, type=int, default=(28, 28), metavar=("H", "W"))
@@ -260,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="get and verify a dataset; show where it came from")
     p.add_argument("action", choices=("fetch", "info"))
     p.add_argument("--dataset", default="mnist", choices=DATASETS)
-    p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="report each source tried")
     p.set_defaults(func=cmd_data)
 
@@ -273,16 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="runs per network (seeds 0..N-1)")
     p.add_argument("--smoke", action="store_true", help="a few batches per run: checks the code path only")
     p.add_argument("--runs-dir", default="runs/reproduce", help="one run folder per network and seed here")
-    p.add_argument("--out", help="report path (default docs/reproduce-NAME.md)")
+    p.add_argument("--out", help="report path (default docs/reproduce-NAME.md, docs/improvements.md)")
     p.add_argument("--only", nargs="+", metavar="KEY", help="train only these rows (e.g. lenet5 lenet1)")
     p.add_argument("--resume", action="store_true", help="continue runs from their last checkpoints")
-    p.add_argument("--data-dir", help="a folder holding the four IDX files (raw or .gz)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=cmd_reproduce)
 
+
+def _checkpoint_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class table and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", help="folder for the confusion matrix PNG (default: beside the checkpoint)")
     p.add_argument("--json", action="store_true")
@@ -297,58 +313,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve", help="the draw-a-digit page and HTTP API (FastAPI + uvicorn)")
+    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (served with onnxruntime)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    _backend_flag(p)
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1; "
+                   "more than one per CPU does not help)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
+
+def _image_commands(sub) -> None:
     p = sub.add_parser("predict", help="digit and probabilities for each image (files, folders, globs, -)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (run with onnxruntime)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, globs; - reads stdin")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
-    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
     p.add_argument("--workers", type=int, help="preprocessing processes (default: one per CPU if many)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
-                   help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
-    p.add_argument("--device", default="cpu", choices=DEVICES)
+    _image_flags(p)
+    _backend_flag(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("read", help="the number written in each image (one line of digits, any count)")
-    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (read with onnxruntime)")
+    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (run with onnxruntime)")
     p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders, globs; - reads stdin")
     p.add_argument(
         "--json", action="store_true", help="one JSON object per image: digits, probabilities, boxes"
     )
-    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
-                   help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    _image_flags(p)
+    _backend_flag(p)
     p.set_defaults(func=cmd_read)
 
     p = sub.add_parser("explain", help="one figure: input, feature maps, filters and probabilities")
     p.add_argument("checkpoint")
     p.add_argument("image", help="an image file, or - for stdin")
     p.add_argument("-o", "--out", default="explain.png", help="PNG to write (default explain.png)")
-    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
-    p.add_argument("--device", default="cpu", choices=DEVICES)
+    _image_flags(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("serve", help="the draw-a-digit page and HTTP API (FastAPI + uvicorn)")
-    p.add_argument("checkpoint", help="a checkpoint, or an .onnx export (served with onnxruntime)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+
+DATA_DIR_HELP = "a folder holding the four IDX files (raw or .gz)"
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--invert", default="auto", choices=("auto", "yes", "no"), help="yes: dark ink on light")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+
+
+def _backend_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"),
                    help="auto: onnxruntime for .onnx files, else torch")  # fmt: skip
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server processes sharing the port (default 1; more than one per CPU does not help)",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("bench", help="speed, always beside a baseline measured in the same run")
-    p.add_argument("suite", choices=("train", "export", "predict", "serve"))
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quick", action="store_true", help="fewer steps (for smoke tests)")
-    p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

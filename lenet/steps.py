@@ -149,6 +149,25 @@ class CudaGraphStep:
         return (*self.outputs, len(labels), 1)
 
 
+def describe_step(step, device: torch.device, world_size: int, cfg) -> str:
+    """How this run's steps are taken, in words, with why where a faster path does not apply."""
+    if isinstance(step, CudaGraphStep):
+        return "one CUDA graph per step (captured after 3 eager steps), fused optimizer"
+    if isinstance(step, FusedSDLMStep):
+        return "the fused SDLM kernel, whole chunks of batches per call"
+    if device.type == "cuda":
+        why = (
+            "under torchrun DDP's gradient hooks are not captured"
+            if world_size > 1
+            else "--compile is on"
+            if cfg.compile
+            else f"only Adam and AdamW are captured, not {cfg.optimizer}"
+        )
+        return f"plain PyTorch (no CUDA graph: {why})"  # fmt: skip
+    fused = type(step.model).__name__ in ("FastClassic", "FastModern")
+    return "the fused CPU kernels for the conv stages" if fused else "plain PyTorch"
+
+
 def _is_builtin_sequential(model: nn.Module) -> bool:
     # our models are nn.Sequential stacks; a user's forward may use x.view, which channels-last breaks
     return type(model) is nn.Sequential

@@ -31,7 +31,7 @@ from lenet.errors import LenetError
 from lenet.evaluate import evaluate
 from lenet.models import INPUT_NORMALIZATION, build, count_parameters
 from lenet.progress import READ_EVERY, Progress, Watch
-from lenet.steps import make_step
+from lenet.steps import describe_step, make_step
 
 __all__ = ["RECIPES", "Run", "TrainConfig", "fit", "learning_rate", "make_optimizer"]
 
@@ -488,6 +488,7 @@ def _prepare(
         f"{len(train.train_labels):,} training images, {cfg.val_split:,} held out for validation; "
         f"run folder {folder.path}"
     )
+    say(f"steps: {describe_step(step, device, dist_info.world_size, cfg)}")
     return ctx
 
 
