@@ -65,5 +65,6 @@ def modern_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="session")
 def classic_checkpoint(mnist_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `classic` checkpoint trained briefly on real MNIST (1 epoch, ~96% test accuracy)."""
-    return _train_briefly("classic", 1, mnist_cache, tmp_path_factory)
+    """A `classic` checkpoint trained briefly on real MNIST: the recipe cut to 2 epochs (~98% test accuracy;
+    one epoch of its one-cycle schedule leaves the sigmoid net near 80%)."""
+    return _train_briefly("classic", 2, mnist_cache, tmp_path_factory)
