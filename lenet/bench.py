@@ -404,13 +404,10 @@ def bench_predict(
     tutorials' path runs it as built. One torch thread for all, as `lenet predict` and `lenet serve` run.
     """
     import io
-    import itertools
-    import tempfile
 
     from PIL import Image
 
     from lenet import data
-    from lenet.imagefiles import predict_files
     from lenet.models import build
     from lenet.predict import classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
@@ -422,11 +419,7 @@ def bench_predict(
     built = build("modern").eval()
     model = fold_batch_norm(built)
     mean, std = data.MNIST_MEAN, data.MNIST_STD
-    blobs = []
-    for pixels in dataset.test_images[:images].numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        blobs.append(buffer.getvalue())
+    blobs = [_png(pixels) for pixels in dataset.test_images[:images].numpy()]
 
     def ours(source) -> None:
         predict(model, preprocess(source)[None], mean, std)
@@ -439,36 +432,13 @@ def bench_predict(
 
     classify = classifier(model, mean, std)
     numbers = _number_pngs(dataset.test_images.numpy(), 200)
-
-    def read(blob: bytes) -> None:
-        read_number(blob, classify)
-
-    latency: dict[str, list[float]] = {"naive": [], "ours": [], "read": []}
-    for _ in range(2):  # alternate, so a noisy moment hurts each alike
-        for name, call, inputs in (("naive", naive, blobs), ("ours", ours, blobs), ("read", read, numbers)):
-            for blob in inputs[:20]:
-                call(blob)
-            for blob in itertools.islice(itertools.cycle(inputs), calls // 2):
-                started = time.perf_counter()
-                call(blob)
-                latency[name].append(time.perf_counter() - started)
-
-    with tempfile.TemporaryDirectory() as folder:
-        paths = [str(Path(folder) / f"{i:05d}.png") for i in range(len(blobs))]
-        for path, blob in zip(paths, blobs, strict=True):
-            Path(path).write_bytes(blob)
-        rates: dict[str, list[float]] = {"baseline": [], "in_process": [], "pool": []}
-        for _ in range(rounds):  # alternate, so a noisy moment hurts each alike; the best of each counts
-            started = time.perf_counter()
-            for path in paths[:baseline_images]:
-                ours(path)
-            rates["baseline"].append(min(baseline_images, len(paths)) / (time.perf_counter() - started))
-            for name, workers in (("in_process", 0), ("pool", None)):
-                started = time.perf_counter()
-                rows = list(predict_files(classifier(model, mean, std), paths, workers=workers))
-                done = sum("error" not in row for row in rows)
-                rates[name].append(done / (time.perf_counter() - started))
-    best = {name: max(values) for name, values in rates.items()}
+    calls_by_name = {
+        "naive": (naive, blobs),
+        "ours": (ours, blobs),
+        "read": (lambda b: read_number(b, classify), numbers),
+    }
+    latency = _latencies(calls_by_name, calls)
+    best = _folder_rates(blobs, ours, lambda: classifier(model, mean, std), baseline_images, rounds)
 
     def ms(name: str, q: float) -> float:
         return round(float(np.percentile(latency[name], q)) * 1e3, 3)
@@ -492,22 +462,70 @@ def bench_predict(
     }
 
 
-def _number_pngs(images: np.ndarray, count: int, digits: int = 4) -> list[bytes]:
-    """`count` PNG scans of `digits` MNIST digits (N, 28, 28) written side by side, dark on white, each
-    digit's columns of ink kept and 6 pixels between digits: numbers as a person writes them."""
+def _png(pixels: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
 
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _latencies(calls_by_name: dict[str, tuple[Callable, list]], calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each name's function on its inputs in turn: `calls` timed calls each, after 20
+    untimed, in two alternating halves so that a noisy moment hurts each alike."""
+    import itertools
+
+    latency: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    for _ in range(2):
+        for name, (call, inputs) in calls_by_name.items():
+            for source in inputs[:20]:
+                call(source)
+            for source in itertools.islice(itertools.cycle(inputs), calls // 2):
+                started = time.perf_counter()
+                call(source)
+                latency[name].append(time.perf_counter() - started)
+    return latency
+
+
+def _folder_rates(
+    blobs: list[bytes], one_file: Callable, new_classifier: Callable, baseline_images: int, rounds: int
+) -> dict[str, float]:
+    """Images/s over a folder of the PNGs: one file at a time (`one_file`, timed on `baseline_images`),
+    predict_files in process and with its worker pool; the best of `rounds` alternating rounds."""
+    import tempfile
+
+    from lenet.imagefiles import predict_files
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [str(Path(folder) / f"{i:05d}.png") for i in range(len(blobs))]
+        for path, blob in zip(paths, blobs, strict=True):
+            Path(path).write_bytes(blob)
+        rates: dict[str, list[float]] = {"baseline": [], "in_process": [], "pool": []}
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for path in paths[:baseline_images]:
+                one_file(path)
+            rates["baseline"].append(min(baseline_images, len(paths)) / (time.perf_counter() - started))
+            for name, workers in (("in_process", 0), ("pool", None)):
+                started = time.perf_counter()
+                rows = list(predict_files(new_classifier(), paths, workers=workers))
+                done = sum("error" not in row for row in rows)
+                rates[name].append(done / (time.perf_counter() - started))
+    return {name: max(values) for name, values in rates.items()}
+
+
+def _number_pngs(images: np.ndarray, count: int, digits: int = 4) -> list[bytes]:
+    """`count` PNG scans of `digits` MNIST digits (N, 28, 28) written side by side, dark on white, each
+    digit's columns of ink kept and 6 pixels between digits: numbers as a person writes them."""
     pngs = []
     for k in range(count):
         written = []
         for digit in images[k * digits : (k + 1) * digits]:
             columns = np.flatnonzero(digit.max(0) > 25)
             written += [digit[:, columns[0] : columns[-1] + 1], np.zeros((28, 6), np.uint8)]
-        buffer = io.BytesIO()
-        Image.fromarray(255 - np.pad(np.concatenate(written[:-1], axis=1), 8)).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
+        pngs.append(_png(255 - np.pad(np.concatenate(written[:-1], axis=1), 8)))
     return pngs
 
 
@@ -696,12 +714,8 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
     client: GET /healthz on one process, the cost of HTTP in this server alone. Each phase stops after
     `requests` requests or `time_limit` seconds; unanswered requests count as errors.
     """
-    import io
-    import json
     import struct
     import tempfile
-
-    from PIL import Image
 
     from lenet import data
     from lenet.errors import optional
@@ -709,38 +723,23 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
     # the server runs in processes of its own: without the extra, say so here in one line
     optional("fastapi", "uvicorn", "orjson", "python_multipart", purpose="lenet bench serve")
     dataset = data.load("mnist")
-    bodies = []
-    for pixels in dataset.test_images[: min(requests, len(dataset.test_images))].numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        bodies.append(buffer.getvalue())
+    bodies = [
+        _png(pixels) for pixels in dataset.test_images[: min(requests, len(dataset.test_images))].numpy()
+    ]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limits = (requests, clients, time_limit)
     with tempfile.TemporaryDirectory() as folder:
-        bodies_file = Path(folder) / "bodies.bin"
+        bodies_file, empty_file = Path(folder) / "bodies.bin", Path(folder) / "empty.bin"
         bodies_file.write_bytes(b"".join(struct.pack("<I", len(b)) + b for b in bodies))
-        empty_file = Path(folder) / "empty.bin"
         empty_file.write_bytes(b"")
-
-        def load(port: int, method: str, path: str, bodies_path: Path) -> dict:
-            argv = [str(port), method, path, str(bodies_path), *map(str, (requests, clients, time_limit))]
-            code = "import sys; from lenet.bench import _load_client; _load_client(sys.argv[1:])"
-            out = subprocess.run(
-                [sys.executable, "-c", code, *argv],
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=2 * time_limit + 60,
-            )
-            return json.loads(out.stdout)
-
         with served_modern(workers=1) as (port, _, _):
-            baseline = load(port, "GET", "/healthz", empty_file)
-            one_worker = load(port, "POST", "/api/predict", bodies_file)
+            baseline = _run_load(port, "GET", "/healthz", empty_file, *limits)
+            one_worker = _run_load(port, "POST", "/api/predict", bodies_file, *limits)
         ours = one_worker
         if cpus > 1:
             with served_modern(workers=cpus) as (port, _, _):
-                ours = load(port, "POST", "/api/predict", bodies_file)
+                ours = _run_load(port, "POST", "/api/predict", bodies_file, *limits)
+    facts = ("requests_per_s", "p50_ms", "p99_ms", "errors")
     return {
         "suite": "serve",
         "model": "modern",
@@ -748,19 +747,32 @@ def bench_serve(requests: int = 10_000, clients: int = 32, time_limit: float = 1
         "cpus": cpus,
         "workers": cpus,
         **ours,
-        "one_worker_requests_per_s": one_worker["requests_per_s"],
-        "one_worker_p50_ms": one_worker["p50_ms"],
-        "one_worker_p99_ms": one_worker["p99_ms"],
-        "one_worker_errors": one_worker["errors"],
+        **{f"one_worker_{fact}": one_worker[fact] for fact in facts},
         "baseline": "GET /healthz, one worker, same client",
-        "baseline_requests_per_s": baseline["requests_per_s"],
-        "baseline_p50_ms": baseline["p50_ms"],
-        "baseline_p99_ms": baseline["p99_ms"],
-        "baseline_errors": baseline["errors"],
+        **{f"baseline_{fact}": baseline[fact] for fact in facts},
         "one_worker_share_of_healthz_rate": round(
             one_worker["requests_per_s"] / baseline["requests_per_s"], 3
         ),
     }
+
+
+def _run_load(
+    port: int, method: str, path: str, bodies_path: Path, requests: int, clients: int, time_limit: float
+) -> dict:
+    """_load_client in a process of its own (so the load does not share the server's interpreter)."""
+    import json
+
+    argv = [str(port), method, path, str(bodies_path), *map(str, (requests, clients, time_limit))]
+    code = "import sys; from lenet.bench import _load_client; _load_client(sys.argv[1:])"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=2 * time_limit + 60,
+    )
+    return json.loads(out.stdout)
 
 
 def run(suite: str, quick: bool = False, device: str = "cpu") -> dict:

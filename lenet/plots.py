@@ -193,24 +193,43 @@ def explain_figure(
     """
     filter_name, kernels = filters
     stages = list(maps.items())
-    columns = 8
-    map_rows = [math.ceil(len(m) / columns) for _, m in stages]
-    kernel_rows = math.ceil(len(kernels) / columns)
+    map_rows = [math.ceil(len(m) / _TILE_COLUMNS) for _, m in stages]
+    kernel_rows = math.ceil(len(kernels) / _TILE_COLUMNS)
     figure = _figure(11, 3.6 + 1.25 * (sum(map_rows) + kernel_rows))
     figure.suptitle(title or "What the network sees", fontsize=13)
     heights = [3.0, 0.25, *([1] * kernel_rows)]
     for rows in map_rows:
         heights += [0.3, *([1] * rows)]
-    grid = figure.add_gridspec(len(heights), columns, height_ratios=heights)
+    grid = figure.add_gridspec(len(heights), _TILE_COLUMNS, height_ratios=heights)
+    _input_and_bars(figure, grid[0, :], image, list(probabilities), classes)
 
-    top = grid[0, :].subgridspec(1, 3, width_ratios=[1, 0.15, 2.2])
+    k = kernels.shape[-1]
+    _section(
+        figure, grid[1, :], f"{filter_name} filters ({len(kernels)} of {k}x{k}; red positive, blue negative)"
+    )
+    _tiles(figure, grid, 2, kernels, "filter ", "bwr", symmetric=True)
+    row = 2 + kernel_rows
+    for (name, stack), rows in zip(stages, map_rows, strict=True):
+        h, w = stack.shape[-2:]
+        text = f"{name} feature maps ({len(stack)} of {h}x{w}, after its activation; bright = strong)"
+        _section(figure, grid[row, :], text)
+        _tiles(figure, grid, row + 1, stack, "map ", "viridis", symmetric=False)
+        row += 1 + rows
+    return figure
+
+
+_TILE_COLUMNS = 8  # feature maps and filters per row of explain_figure
+
+
+def _input_and_bars(figure, cell, image, probabilities: list[float], classes: Sequence[str]) -> None:
+    """explain_figure's top row: the 28x28 input beside the class probabilities, the best in orange."""
+    top = cell.subgridspec(1, 3, width_ratios=[1, 0.15, 2.2])
     axes = figure.add_subplot(top[0, 0])
     axes.imshow(np.asarray(image).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
     axes.set_title("input, preprocessed (28x28)", fontsize=10)
     axes.set_xticks([])
     axes.set_yticks([])
     axes = figure.add_subplot(top[0, 2])
-    probabilities = list(probabilities)
     best = int(np.argmax(probabilities))
     colours = ["tab:orange" if i == best else "tab:blue" for i in range(len(probabilities))]
     axes.bar(range(len(probabilities)), probabilities, color=colours)
@@ -221,34 +240,28 @@ def explain_figure(
     axes.set_title(f"prediction: {classes[best]} ({probabilities[best]:.3f})", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
 
-    def section(row: int, text: str) -> None:
-        label = figure.add_subplot(grid[row, :])
-        label.axis("off")
-        label.text(0, 0.2, text, fontsize=10, fontweight="bold", transform=label.transAxes)
 
-    def tiles(first_row: int, stack: torch.Tensor, prefix: str, cmap: str, symmetric: bool) -> None:
-        stack = stack.detach().float().cpu()
-        limit = float(stack.abs().max()) or 1.0
-        for k in range(len(stack)):
-            axes = figure.add_subplot(grid[first_row + k // columns, k % columns])
-            if symmetric:  # filters: zero is white, so positive and negative weights read at a glance
-                axes.imshow(stack[k].numpy(), cmap=cmap, vmin=-limit, vmax=limit)
-            else:
-                axes.imshow(stack[k].numpy(), cmap=cmap)
-            axes.set_title(f"{prefix}{k}", fontsize=7)
-            axes.set_xticks([])
-            axes.set_yticks([])
+def _section(figure, cell, text: str) -> None:
+    label = figure.add_subplot(cell)
+    label.axis("off")
+    label.text(0, 0.2, text, fontsize=10, fontweight="bold", transform=label.transAxes)
 
-    k = kernels.shape[-1]
-    section(1, f"{filter_name} filters ({len(kernels)} of {k}x{k}; red positive, blue negative)")
-    tiles(2, kernels, "filter ", "bwr", symmetric=True)
-    row = 2 + kernel_rows
-    for (name, stack), rows in zip(stages, map_rows, strict=True):
-        h, w = stack.shape[-2:]
-        section(row, f"{name} feature maps ({len(stack)} of {h}x{w}, after its activation; bright = strong)")
-        tiles(row + 1, stack, "map ", "viridis", symmetric=False)
-        row += 1 + rows
-    return figure
+
+def _tiles(
+    figure, grid, first_row: int, stack: torch.Tensor, prefix: str, cmap: str, symmetric: bool
+) -> None:
+    """One small image per map of stack (C, H, W), _TILE_COLUMNS to a row of grid from first_row."""
+    stack = stack.detach().float().cpu()
+    limit = float(stack.abs().max()) or 1.0
+    for k in range(len(stack)):
+        axes = figure.add_subplot(grid[first_row + k // _TILE_COLUMNS, k % _TILE_COLUMNS])
+        if symmetric:  # filters: zero is white, so positive and negative weights read at a glance
+            axes.imshow(stack[k].numpy(), cmap=cmap, vmin=-limit, vmax=limit)
+        else:
+            axes.imshow(stack[k].numpy(), cmap=cmap)
+        axes.set_title(f"{prefix}{k}", fontsize=7)
+        axes.set_xticks([])
+        axes.set_yticks([])
 
 
 def training_plots(run_dir: str | Path, matrix: torch.Tensor, classes: Sequence[str]) -> list[Path]:

@@ -227,3 +227,19 @@ def test_explain_command_writes_one_figure(modern_checkpoint, tmp_path):
     assert Image.open(out).size[0] >= 1000
     result = lenet("explain", str(modern_checkpoint), str(tmp_path / "nothing.png"), "-o", str(out))
     assert result.returncode == 2 and result.stderr.decode().count("\n") == 1
+
+
+@pytest.mark.real_data
+def test_predict_benchmark_reports_every_path(mnist_cache, monkeypatch):
+    """`lenet bench predict --quick`: single images, a folder both ways and a 4-digit number, each timed."""
+    from lenet import bench
+
+    monkeypatch.setenv("LENET_DATA_DIR", str(mnist_cache))
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run("predict", quick=True)  # sets one torch thread, as `lenet predict` runs
+    finally:
+        torch.set_num_threads(threads)
+    timed = ("p50_ms", "p99_ms", "baseline_p50_ms", "read_4_digits_p50_ms", "folder_images_per_s")
+    assert result["images"] == 600 and all(result[key] > 0 for key in timed)
+    assert result["p50_ms"] <= result["p99_ms"] and result["folder_speedup"] > 0
