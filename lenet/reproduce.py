@@ -369,8 +369,22 @@ def write_report(name: str, plan: list, meta: dict, out: Path) -> dict[str, list
             {**part, "seed": cfg.seed, "command": train_command(cfg, row)} for cfg, part in parts if part
         ]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    atomic.write_bytes(out, report(name, results, {**meta, "date": date, "machine": machine()}).encode())
+    text = report(name, results, {**meta, "date": date, "machine": machine()})
+    atomic.write_bytes(out, (text + _kept_by_hand(out)).encode())
     return results
+
+
+KEPT = "<!-- Below: written by hand from the tables above; kept when the report is written again. -->"
+
+
+def _kept_by_hand(report_path: Path) -> str:
+    """The part of an existing report from the KEPT line on (the reading of its numbers), or ""."""
+    try:
+        old = report_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    at = old.find(KEPT)
+    return "\n" + old[at:] if at >= 0 else ""
 
 
 def run(

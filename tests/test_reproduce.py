@@ -99,6 +99,14 @@ def test_improvements_smoke_writes_every_row_its_figure_and_commands_that_parse(
     args = cli.build_parser().parse_args(shlex.split(command)[1:])
     assert args.model_kwargs == {"activation": "relu"} and args.batch_size == 256
 
+    # the reading written by hand below the tables survives the report being written again
+    reading = f"{reproduce.KEPT}\n## What the numbers show\n\nReLU helps.\n"
+    out.write_text(text.replace("## Runs", "## Runs (old)") + "\n" + reading)
+    reproduce.run("improvements", smoke=True, runs_dir=runs, device="cpu", log=print, dataset=tiny_dataset,
+                  resume=True)  # fmt: skip
+    again = out.read_text()
+    assert again.endswith(reading) and again.count(reproduce.KEPT) == 1 and "## Runs (old)" not in again
+
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(LenetError, match="unknown reproduction 'lenet9'"):
