@@ -74,6 +74,11 @@ WEIGHTS = np.array([
 ])  # fmt: skip
 
 
+class NoNumberError(LenetError):
+    """An image that can be read but holds no number: no digits (only specks and stray lines), or more
+    separate marks than one line of digits."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Atom:
     """A piece of ink, or a part of one between cuts: its pixels `mask` (h, w) with top-left (y0, x0), and
@@ -110,7 +115,8 @@ def read_number(
     Returns {"number": "4096", "digits": [{"digit", "index", "probability", "probabilities" (floats),
     "box" [x0, y0, x1, y1] in the source's pixels (x1, y1 exclusive), "input" uint8 (28, 28)}, ...] left to
     right, "width", "height"} (the source's size). Raises LenetError in one line for an image that cannot
-    be read, holds no digits, or holds more separate marks than a number (MAX_PIECES).
+    be read, and its subclass NoNumberError for one that holds no digits, or more separate marks than a
+    number (MAX_PIECES).
     """
     label = name if name is not None else source_name(source)
     found = find_ink(source, invert, label, one_digit=False)
@@ -134,7 +140,7 @@ def read_number(
     )
     chosen = _best_split(atoms, spans, features @ WEIGHTS, height)
     if not chosen:
-        raise LenetError(f"{label}: no digits found (only specks and stray marks)")
+        raise NoNumberError(f"{label}: no digits found (only specks and stray marks)")
     digits = [
         _digit(atoms[spans[k][0] : spans[k][1]], fields[k], probabilities[k], classes, found) for k in chosen
     ]
@@ -159,16 +165,16 @@ def _digit(
 def _marks(boxes: np.ndarray, label: str) -> tuple[list[int], float]:
     """The pieces that may be (parts of) digits, specks and lines left out, and the line's height."""
     if len(boxes) == 0:
-        raise LenetError(f"{label}: no digits found")
+        raise NoNumberError(f"{label}: no digits found")
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     height = float(np.median(heights[heights >= 0.5 * heights.max()]))
     speck = np.maximum(widths, heights) < SPECK * height
     line = (widths >= LINE[0] * height) & (heights <= LINE[1] * height)
     pieces = np.flatnonzero(~speck & ~line)
     if len(pieces) == 0:
-        raise LenetError(f"{label}: no digits found (only specks and stray lines)")
+        raise NoNumberError(f"{label}: no digits found (only specks and stray lines)")
     if len(pieces) > MAX_PIECES:
-        raise LenetError(
+        raise NoNumberError(
             f"{label}: {len(pieces)} separate marks, more than {MAX_PIECES}: expected one line of digits"
         )
     return pieces.tolist(), height

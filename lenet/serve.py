@@ -1,8 +1,9 @@
 """Draw a digit: the HTTP API and the page that uses it (FastAPI + uvicorn).
 
-Routes: `/` (the drawing page; its script and style sheet beside it), `POST /api/predict`,
-`GET /api/model`, `GET /healthz` and the OpenAPI schema at `/openapi.json`. Swagger's /docs is left out:
-it loads its script from a CDN, and the page must work offline.
+Routes: `/` (the drawing page; its script and style sheet beside it), `POST /api/predict` (one digit),
+`POST /api/read` (a number: one line of digits), `GET /api/model`, `GET /healthz` and the OpenAPI schema at
+`/openapi.json`. Swagger's /docs is left out: it loads its script from a CDN, and the page must work
+offline.
 
 Safety: the model is loaded once, when the app is made; requests carry pixels only, so no route loads a
 model, reads a path (the page's three files are read into memory at start) or fetches a URL. Bodies over
@@ -13,10 +14,12 @@ _BodyLimit). Every error is JSON `{"error": "one line"}`; what a client sends ne
 
 Speed: a small image is preprocessed on the event loop, the forward passes of all requests that are
 ready at the same moment run as one batch (_Batcher), and an answer's head and body leave in one send
-(_PairedWrites).
+(_PairedWrites). Reading a number (segmentation, several candidate digits) and large images go to worker
+threads, the largest one per CPU at a time.
 """
 
 import asyncio
+import dataclasses
 import gc
 import io
 import json
@@ -30,6 +33,8 @@ import numpy as np
 
 from lenet.errors import LenetError, optional
 from lenet.preprocess import preprocess
+from lenet.preprocess import steps as preprocess_steps
+from lenet.read import NoNumberError, read_number
 
 try:
     import anyio.to_thread
@@ -214,6 +219,18 @@ class _Batcher:
                 answer.set_result(row)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    """What one POST /api/predict asks: the image (encoded bytes, or JSON pixels as uint8 (28, 28)), which
+    way its ink goes, and what to return beside the digit."""
+
+    source: bytes | np.ndarray
+    invert: str = "auto"
+    raw: bool = False  # pixels to take as they are (the network's input), not preprocessed
+    features: bool = False  # the conv feature maps
+    steps: bool = False  # how preprocessing made the input
+
+
 class _Served:
     """What one app serves (the model, its facts, the page's files) and the CPU work of one request."""
 
@@ -235,15 +252,20 @@ class _Served:
         self.large_images = anyio.CapacityLimiter(_cpus())
         self.batcher = _Batcher(self.engine.probabilities)
 
-    def image(self, source: bytes | np.ndarray, invert: str, raw: bool) -> np.ndarray:
-        if raw:
-            return source
+    def prepared(self, asked: _Asked) -> tuple[np.ndarray, dict | None]:
+        """The network's input, uint8 (28, 28), and how preprocessing made it if asked (PreprocessSteps)."""
+        if asked.raw:
+            return asked.source, None
         try:
-            return preprocess(source, invert, name="upload")
+            if not asked.steps:
+                return preprocess(asked.source, asked.invert, name="upload"), None
+            made = preprocess_steps(asked.source, asked.invert, name="upload")
         except LenetError as e:
             raise HTTPException(400, str(e)) from None
+        image = made.pop("input")
+        return image, {key: np.asarray(value).tolist() for key, value in made.items()}  # numpy -> JSON
 
-    def result(self, image: np.ndarray, probabilities: list[float], want_features: bool) -> dict:
+    def result(self, asked: _Asked, image: np.ndarray, steps: dict | None, probabilities: list) -> dict:
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
         result = {
             "digit": self.engine.classes[best],
@@ -252,23 +274,40 @@ class _Served:
             "classes": self.engine.classes,
             "input": image.tolist(),
             "features": None,
+            "steps": steps,
         }
-        if want_features:
-            if self.engine.has_features:
-                result["features"] = self.engine.features(image)
-            else:
-                result["note"] = f"feature maps are not available with the {self.backend} backend"
+        notes = []
+        if asked.features and self.engine.has_features:
+            result["features"] = self.engine.features(image)
+        elif asked.features:
+            notes.append(f"feature maps are not available with the {self.backend} backend")
+        if asked.steps and steps is None:
+            notes.append("no steps: the pixels were taken as they are (preprocess: false)")
+        if notes:
+            result["note"] = "; ".join(notes)
         return result
 
-    def answer(self, source: bytes | np.ndarray, invert: str, want_features: bool, raw: bool) -> dict:
-        """All the work of one request, in a worker thread: preprocess, predict, feature maps."""
-        image = self.image(source, invert, raw)
-        return self.result(image, self.engine.probabilities(image[None])[0], want_features)
+    def answer(self, asked: _Asked) -> dict:
+        """All the work of one POST /api/predict, in a worker thread: preprocess, predict, feature maps."""
+        image, steps = self.prepared(asked)
+        return self.result(asked, image, steps, self.engine.probabilities(image[None])[0])
 
-    async def answer_here(self, source: bytes | np.ndarray, invert: str, raw: bool) -> dict:
+    async def answer_here(self, asked: _Asked) -> dict:
         """The same on the event loop, the forward pass shared with the other requests ready now."""
-        image = self.image(source, invert, raw)
-        return self.result(image, await self.batcher.probabilities(image), False)
+        image, steps = self.prepared(asked)
+        return self.result(asked, image, steps, await self.batcher.probabilities(image))
+
+    def read(self, source: bytes | list, invert: str) -> dict:
+        """All the work of one POST /api/read, in a worker thread: the number, each digit with its box."""
+        try:
+            found = read_number(source, self.engine.probabilities, invert, "upload", self.engine.classes)
+        except NoNumberError as e:
+            raise HTTPException(422, str(e)) from None
+        except LenetError as e:
+            raise HTTPException(400, str(e)) from None
+        for digit in found["digits"]:
+            digit["input"] = digit["input"].tolist()
+        return found
 
 
 # ---- the API ---------------------------------------------------------------------------------------------
@@ -299,6 +338,33 @@ class PixelsRequest(BaseModel):
     features: bool = Field(False, description="also return the conv feature maps")
 
 
+class NumberPixelsRequest(BaseModel):
+    """A JSON body for POST /api/read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    pixels: list[Annotated[list[GreyLevel], Field(min_length=1)]] = Field(
+        min_length=1,
+        description="rows of grey levels 0..255, all of one length (any size within the body limit), read "
+        "as an uploaded image is",
+    )
+
+
+class PreprocessSteps(BaseModel):
+    """How preprocessing made the 28x28 input of an image (MNIST's way)."""
+
+    size: list[int] = Field(description="[width, height] of the image")
+    crop: list[int] = Field(description="[x0, y0, x1, y1]: the digit's extent in the image (x1, y1 excluded)")
+    fitted: list[list[int]] = Field(
+        description="20x20 grey levels: the crop scaled to fit 20x20 keeping its aspect ratio, centred in it"
+    )
+    fitted_box: list[int] = Field(description="[x0, y0, x1, y1]: where the scaled crop lies in fitted")
+    centre_of_mass: list[float] = Field(description="[x, y]: the scaled crop's centre of mass in fitted")
+    shift: list[int] = Field(
+        description="[dx, dy]: where fitted's pixel (0, 0) lands in the 28x28 input, by whole pixels as in "
+        "MNIST: centre_of_mass + shift is within half a pixel of (14, 14)"
+    )
+
+
 class PredictResponse(BaseModel):
     digit: str = Field(description="the most probable class")
     index: int = Field(description="its position in classes and probabilities")
@@ -308,7 +374,24 @@ class PredictResponse(BaseModel):
     features: dict[str, list[list[list[float]]]] | None = Field(
         None, description="on request: each conv layer's maps (maps, height, width), e.g. conv1, conv2"
     )
-    note: str | None = Field(None, description="why requested feature maps are missing")
+    steps: PreprocessSteps | None = Field(None, description="on request: how preprocessing made input")
+    note: str | None = Field(None, description="why something requested (feature maps, steps) is missing")
+
+
+class DigitRead(BaseModel):
+    digit: str = Field(description="the most probable class")
+    index: int = Field(description="its position in probabilities")
+    probability: float = Field(description="its probability")
+    probabilities: list[float] = Field(description="one per class, summing to 1")
+    box: list[int] = Field(description="[x0, y0, x1, y1]: where it is in the image (x1, y1 exclusive)")
+    input: list[list[int]] = Field(description="the 28x28 uint8 image of it that the network saw")
+
+
+class ReadResponse(BaseModel):
+    number: str = Field(description="the digits read, left to right")
+    digits: list[DigitRead]
+    width: int = Field(description="the image's width, in the pixels of the boxes")
+    height: int
 
 
 class ModelFacts(BaseModel):
@@ -328,29 +411,43 @@ class ErrorResponse(BaseModel):
     error: str = Field(description="what was wrong, in one line")
 
 
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {"schema": PixelsRequest.model_json_schema()},
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"file": {"type": "string", "format": "binary"}},
-                "required": ["file"],
-            }
+def _request_body(json_model: type[BaseModel]) -> dict:
+    """A POST body as /openapi.json documents it: JSON as json_model, a multipart upload, or image bytes."""
+    upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": json_model.model_json_schema()},
+            "multipart/form-data": {"schema": {**upload, "required": ["file"]}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
-PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in (
-        (400, "an image without a readable digit (blank, broken, a bomb) or bad JSON"),
-        (413, f"body over {MAX_BODY_BYTES:,} bytes"),
-        (415, "not an image, or an unsupported content type"),
-        (422, "JSON or query parameters of the wrong shape"),
-    )
-}
+    }
+
+
+def _errors(unreadable: str, wrong_shape: str) -> dict[int | str, dict[str, Any]]:
+    """The 4xx answers of a POST that takes an image, for /openapi.json."""
+    return {
+        status: {"model": ErrorResponse, "description": description}
+        for status, description in (
+            (400, unreadable),
+            (413, f"body over {MAX_BODY_BYTES:,} bytes"),
+            (415, "not an image, or an unsupported content type"),
+            (422, wrong_shape),
+        )
+    }
+
+
+PREDICT_ERRORS = _errors(
+    "an image without a readable digit (blank, broken, a bomb) or bad JSON",
+    "JSON or query parameters of the wrong shape",
+)
+READ_ERRORS = _errors(
+    "an image that cannot be read (blank, broken, a bomb), or bad JSON",
+    "an image holding no number (only specks or stray lines), or JSON or query parameters of the wrong shape",
+)
+Invert = Annotated[
+    Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
+]
 
 router = APIRouter()
 
@@ -387,9 +484,9 @@ EXCEPTION_HANDLERS = {
 }
 
 
-def _pixels_request(body: bytes) -> PixelsRequest:
+def _json_body(body: bytes, model: type[BaseModel]) -> BaseModel:
     try:
-        return PixelsRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as e:
         first = e.errors()[0]
         if first["type"] == "json_invalid":
@@ -398,53 +495,85 @@ def _pixels_request(body: bytes) -> PixelsRequest:
         raise HTTPException(422, f"{where}: {first['msg']}") from None
 
 
-async def _source(request: Request, features: bool) -> tuple[bytes | np.ndarray, bool, bool]:
-    """What a POST /api/predict carries: (image bytes or JSON pixels, raw, features), raw meaning pixels to
-    take as they are; a JSON body may ask for the feature maps itself."""
+async def _body(request: Request, json_model: type[BaseModel]) -> bytes | BaseModel:
+    """What a POST carries: image bytes (image/*, or a form's field `file`), or JSON as json_model."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        body = _pixels_request(await request.body())
-        return np.asarray(body.pixels, dtype=np.uint8), not body.preprocess, features or body.features
+        return _json_body(await request.body(), json_model)
     if kind == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, "file: a multipart upload needs the image in a file field 'file'")
-        return await upload.read(), False, features
+        return await upload.read()
     if kind.startswith(IMAGE_TYPES):
-        return await request.body(), False, features
+        return await request.body()
     raise HTTPException(415, f"content type {kind or 'missing'}: send image/*, multipart/form-data or JSON")
+
+
+def _pixel_count(source: bytes | np.ndarray | list) -> int:
+    """The pixels of an image: from its header for encoded bytes (415 where no format is recognised)."""
+    if not isinstance(source, bytes):
+        return sum(len(row) for row in source)  # JSON rows
+    pixels = _image_pixels(source)
+    if pixels is None:
+        raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
+    return pixels
+
+
+async def _in_thread(served: _Served, pixels: int, work: Any, *args: Any) -> dict:
+    """work(*args) in a worker thread; for a large image, in one of the threads that decode one per CPU."""
+    limiter = served.large_images if pixels > LARGE_PIXELS else None
+    return await anyio.to_thread.run_sync(work, *args, limiter=limiter)
+
+
+def _json(result: dict) -> Response:
+    return Response(orjson.dumps(result), media_type="application/json")
 
 
 @router.post(
     "/api/predict",
     response_model=PredictResponse,
-    openapi_extra={"requestBody": PREDICT_BODY},
+    openapi_extra={"requestBody": _request_body(PixelsRequest)},
     responses=PREDICT_ERRORS,
 )
 async def predict(
     request: Request,
     features: Annotated[bool, Query(description="also return the conv feature maps")] = False,
-    invert: Annotated[
-        Literal["auto", "yes", "no"], Query(description="yes: dark ink on light paper; auto: detect")
-    ] = "auto",
+    invert: Invert = "auto",
+    steps: Annotated[bool, Query(description="also return how preprocessing made the input")] = False,
 ) -> Response:
     """The digit in an image: a multipart upload (field `file`), raw image bytes (`image/*`), or JSON
     `{"pixels": 28x28 grey levels, "preprocess": false, "features": false}`."""
     served: _Served = request.app.state.served
-    source, raw, features = await _source(request, features)
-    pixels = _image_pixels(source) if isinstance(source, bytes) else 28 * 28
-    if pixels is None:
-        raise HTTPException(415, "upload: not an image format this server reads (PNG, JPEG, GIF, ...)")
+    body = await _body(request, PixelsRequest)
+    if isinstance(body, PixelsRequest):
+        grey = np.asarray(body.pixels, dtype=np.uint8)
+        asked = _Asked(grey, invert, not body.preprocess, features or body.features, steps)
+    else:
+        asked = _Asked(body, invert, False, features, steps)
+    pixels = _pixel_count(asked.source)
     # Small work (~1 ms) runs on the event loop: a worker thread's hand-offs cost more than they save
     # (lenet bench serve: 1.5x the requests/s, 2/3 the p99). Large images and feature maps go to a thread.
-    if pixels <= INLINE_MAX_PIXELS and not features:
-        result = await served.answer_here(source, invert, raw)
-    else:
-        limiter = served.large_images if pixels > LARGE_PIXELS else None
-        work = (served.answer, source, invert, features, raw)
-        result = await anyio.to_thread.run_sync(*work, limiter=limiter)
-    return Response(orjson.dumps(result), media_type="application/json")
+    if pixels <= INLINE_MAX_PIXELS and not asked.features:
+        return _json(await served.answer_here(asked))
+    return _json(await _in_thread(served, pixels, served.answer, asked))
+
+
+@router.post(
+    "/api/read",
+    response_model=ReadResponse,
+    openapi_extra={"requestBody": _request_body(NumberPixelsRequest)},
+    responses=READ_ERRORS,
+)
+async def read(request: Request, invert: Invert = "auto") -> Response:
+    """The handwritten number (one line of digits) in an image, sent as to /api/predict or as JSON
+    `{"pixels": rows of grey levels}`: the number, and each digit's box, probabilities and 28x28 input."""
+    served: _Served = request.app.state.served
+    body = await _body(request, NumberPixelsRequest)
+    source = body.pixels if isinstance(body, NumberPixelsRequest) else body
+    # segmentation and the network's view of each candidate digit: several ms, so in a thread
+    return _json(await _in_thread(served, _pixel_count(source), served.read, source, invert))
 
 
 @router.get("/api/model", response_model=ModelFacts)

@@ -1,8 +1,8 @@
-"""The drawing page in real headless Chromium: draw with the mouse, read the answer off the page.
+"""The drawing page in real headless Chromium: draw with the mouse or a finger, read the answer off the page.
 
-The page tags the answer it shows (#answer) with the number of strokes finished when its request was sent,
-and replaces it as a whole: a test waits for the answer to its last stroke, then reads all of that answer
-at once. The answer records how long after the pen lifted it was shown.
+The page tags the answer it shows (#answer, and #marks over the pad) with the number of strokes finished
+when its request was sent, and replaces it as a whole: a test waits for the answer to its last stroke, then
+reads all of that answer at once. The answer records how long after the pen lifted it was shown.
 
 Uses the system's Chromium (Debian's `chromium` package); Playwright never downloads a browser here.
 Set LENET_SCREENSHOT_DIR to keep a copy of the screenshots outside pytest's temporary folder.
@@ -10,15 +10,15 @@ Set LENET_SCREENSHOT_DIR to keep a copy of the screenshots outside pytest's temp
 
 import base64
 import json
+import math
 import os
 import shutil
-import threading
-import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from served import uvicorn_in_a_thread
 
 CHROMIUM = "/usr/bin/chromium"
 PEN_UP_TO_ANSWER_MS = 150  # one request of a few tens of ms, and the page's own work, with room to spare
@@ -41,22 +41,10 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server_url(modern_checkpoint: Path) -> Iterator[str]:
     """The app under uvicorn in a thread, on 127.0.0.1 and a port the OS picks."""
-    import uvicorn
+    from lenet.serve import create_app
 
-    from lenet.serve import UVICORN_OPTIONS, create_app
-
-    config = uvicorn.Config(create_app(modern_checkpoint), host="127.0.0.1", port=0, **UVICORN_OPTIONS)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_a_thread(create_app(modern_checkpoint)) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")
@@ -221,4 +209,193 @@ def test_phone_viewport(browser, server_url: str, tmp_path: Path) -> None:
     stroke(page, [(0.5, 0.15), (0.5, 0.85)])
     assert_read(shown_answer(page, strokes=1), "1")
     save_screenshot(page, tmp_path, "phone.png")
+    assert problems == []
+
+
+# ---- number mode and show work -----------------------------------------------------------------------------
+
+
+def finger_stroke(page, points: list[tuple[float, float]]) -> None:
+    """One stroke of a finger on a touch screen (touch events, which the page gets as pointer events of type
+    "touch") through points given as fractions (x, y) of the drawing pad."""
+    box = page.locator("#pad").bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    touch = page.context.new_cdp_session(page)
+    path = [xy[0]]
+    for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
+        path += [(x0 + (x1 - x0) * k / 8, y0 + (y1 - y0) * k / 8) for k in range(1, 9)]
+    kinds = ["touchStart"] + ["touchMove"] * (len(path) - 1)
+    for kind, (x, y) in zip(kinds, path, strict=True):
+        touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    touch.detach()
+
+
+def in_cell(k: int, points: list[tuple[float, float]], cells: int = 3) -> list[tuple[float, float]]:
+    """Points (u, v) of a digit drawn in a square, placed in the k-th of `cells` squares side by side along
+    the 2:1 number pad, each 0.8 of its height."""
+    side = 0.8 * 0.5  # the square's side as a fraction of the pad's width
+    cx = (k + 0.5) / cells
+    return [(cx + (u - 0.5) * side, 0.5 + (v - 0.5) * 0.8) for u, v in points]
+
+
+def oval(steps: int = 16) -> list[tuple[float, float]]:
+    """A 0: an upright oval from its top, round and closed."""
+    angles = [2 * math.pi * t / steps for t in range(steps + 1)]
+    return [(0.5 + 0.22 * math.sin(a), 0.5 - 0.36 * math.cos(a)) for a in angles]
+
+
+# "407": the 4 in two strokes, then the 0 and the 7, as fractions of the pad
+NUMBER_407 = [
+    in_cell(0, [(0.35, 0.15), (0.25, 0.6), (0.78, 0.6)]),
+    in_cell(0, [(0.62, 0.25), (0.62, 0.9)]),
+    in_cell(1, oval()),
+    in_cell(2, [(0.22, 0.15), (0.78, 0.15), (0.42, 0.88)]),
+]
+
+
+def switch_to(page, mode: str) -> None:
+    page.locator(".modes label", has_text=mode).click()
+    page.locator(f'main[data-mode="{mode}"]').wait_for(state="attached")
+
+
+def shown_number(page, strokes: int) -> dict:
+    """The number mode's answer to the request sent when stroke number `strokes` ended, read in one go once
+    it is on the page: the number in large type, the digits listed under it, and the boxes over the pad
+    (as fractions of the pad) with their labels and the request they answer."""
+    answer = page.locator(f'#answer[data-strokes="{strokes}"]')
+    answer.wait_for(state="attached")
+    return answer.evaluate(
+        """(answer) => {
+          const pad = document.getElementById("pad").getBoundingClientRect();
+          const marks = document.getElementById("marks");
+          const fraction = (r) => [(r.left - pad.left) / pad.width, (r.top - pad.top) / pad.height,
+                                   (r.right - pad.left) / pad.width, (r.bottom - pad.top) / pad.height];
+          return {
+            request: Number(answer.dataset.request),
+            number: answer.querySelector("#number").textContent,
+            numberPx: parseFloat(getComputedStyle(answer.querySelector("#number")).fontSize),
+            listed: [...answer.querySelectorAll("#digits li")].map((li) => li.dataset.digit),
+            marksRequest: Number(marks.dataset.request),
+            marks: [...marks.querySelectorAll(".mark")].map((m) => ({
+              digit: m.dataset.digit,
+              probability: Number(m.dataset.probability),
+              box: fraction(m.getBoundingClientRect()),
+              label: m.querySelector(".mark-label").textContent,
+              labelBox: fraction(m.querySelector(".mark-label").getBoundingClientRect()),
+            })),
+            msAfterPenUp: Number(answer.dataset.msAfterPenUp),
+          };
+        }"""
+    )
+
+
+def draw_407_and_read(page, draw: Callable) -> dict:
+    strokes_before = int(page.locator("#pad").get_attribute("data-strokes"))
+    for points in NUMBER_407:
+        draw(page, points)
+    answer = shown_number(page, strokes_before + len(NUMBER_407))
+    assert answer["number"] == "407", answer
+    assert answer["listed"] == ["4", "0", "7"] and answer["numberPx"] >= 48  # large type
+    assert answer["marksRequest"] == answer["request"]  # the boxes belong to the answer shown
+    for k, mark in enumerate(answer["marks"]):
+        x0, y0, x1, y1 = mark["box"]
+        cell = (k / 3, (k + 1) / 3)
+        assert cell[0] - 0.02 <= x0 < x1 <= cell[1] + 0.02 and 0 <= y0 < y1 <= 1, mark  # over its strokes
+        assert mark["label"] == f"{mark['digit']} {100 * mark['probability']:.1f}%"
+        lx0, ly0, lx1, ly1 = mark["labelBox"]
+        assert lx0 >= 0 and ly0 >= 0 and lx1 <= 1 and ly1 <= 1, mark  # on the pad
+    assert [mark["digit"] for mark in answer["marks"]] == ["4", "0", "7"]
+    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
+    print(f"407: shown {answer['msAfterPenUp']} ms after the pen lifted")
+    return answer
+
+
+def test_a_drawn_number_is_read(browser, server_url: str, tmp_path: Path) -> None:
+    page, problems = open_page(browser, server_url, viewport={"width": 1100, "height": 900})
+    switch_to(page, "number")
+    pad = page.locator("#pad").bounding_box()
+    assert pad["width"] > 1.9 * pad["height"] and page.locator("#title").text_content() == "Draw a number"
+    answer = draw_407_and_read(page, stroke)
+    save_screenshot(page, tmp_path, "number.png")
+
+    # what is shown is the server's answer to the final drawing
+    drawing = page.evaluate("() => document.querySelector('#pad').toDataURL('image/png')")
+    post = urllib.request.Request(
+        f"{server_url}api/read",
+        data=base64.b64decode(drawing.split(",", 1)[1]),
+        headers={"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(post, timeout=30) as response:
+        expected = json.loads(response.read())
+    assert expected["number"] == answer["number"]
+    for mark, digit in zip(answer["marks"], expected["digits"], strict=True):
+        x0, y0, x1, y1 = digit["box"]
+        box = [
+            x0 / expected["width"],
+            y0 / expected["height"],
+            x1 / expected["width"],
+            y1 / expected["height"],
+        ]
+        assert mark["box"] == pytest.approx(box, abs=0.01)  # within the pad's border of 2 px
+
+    # back to digit mode: the boxes go with the number
+    switch_to(page, "digit")
+    assert page.locator("#marks .mark").count() == 0 and page.locator("#digit").text_content() == "?"
+    assert problems == []
+
+
+def test_show_work_for_an_off_centre_digit(browser, server_url: str, tmp_path: Path) -> None:
+    """A 1 drawn near the left edge: the crop is on the left of the drawing, the 20x20 fit and the 28x28 input
+    are drawn, and the centre of mass lands in the middle of the input, so it reads as a centred 1 would."""
+    page, problems = open_page(browser, server_url, viewport={"width": 1100, "height": 900})
+    page.check("#show-work")
+    stroke(page, [(0.2, 0.2), (0.22, 0.8)])
+    answer = page.locator('#answer[data-strokes="1"]')
+    answer.wait_for(state="attached")
+    work = answer.evaluate(
+        """(answer) => {
+          const work = answer.querySelector("#work");
+          const stages = [...work.querySelectorAll("canvas.stage")].map((c) => {
+            const rgba = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            const levels = new Set(Array.from(rgba).filter((v, i) => i % 4 === 0));
+            return {id: c.id, levels: levels.size, shown: c.getBoundingClientRect().width};
+          });
+          return {
+            hidden: work.hidden,
+            digit: answer.querySelector("#digit").textContent,
+            crop: work.dataset.crop.split(",").map(Number),
+            centre: work.dataset.centre.split(",").map(Number),
+            stages,
+            text: work.textContent,
+            msAfterPenUp: Number(answer.dataset.msAfterPenUp),
+          };
+        }"""
+    )
+    assert not work["hidden"] and work["digit"] == "1"
+    assert [stage["id"] for stage in work["stages"]] == ["work-crop", "work-fit", "work-centre"]
+    assert all(stage["levels"] > 2 and stage["shown"] > 100 for stage in work["stages"]), work["stages"]
+    x0, y0, x1, y1 = work["crop"]
+    assert x1 < 0.4 * 280 and 0.1 * 280 < y0 < y1 < 0.9 * 280  # on the left of the 280x280 drawing
+    assert work["centre"] == pytest.approx([14, 14], abs=0.5)  # MNIST: moved by whole pixels
+    assert "20×20" in work["text"] and "28×28" in work["text"]
+    assert 0 < work["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, work["msAfterPenUp"]
+    save_screenshot(page, tmp_path, "show-work.png")
+
+    page.uncheck("#show-work")  # asks again without the steps
+    page.locator('#answer[data-strokes="1"] #work[hidden]').wait_for(state="attached")
+    assert problems == []
+
+
+def test_a_number_written_with_a_finger_on_a_phone(browser, server_url: str, tmp_path: Path) -> None:
+    page, problems = open_page(
+        browser, server_url, viewport={"width": 390, "height": 844}, device_scale_factor=2, has_touch=True
+    )
+    switch_to(page, "number")
+    pad = page.locator("#pad").bounding_box()
+    assert 300 <= pad["width"] <= 390 and abs(pad["width"] - 2 * pad["height"]) < 2
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # no sideways scrolling
+    draw_407_and_read(page, finger_stroke)
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nor with the boxes drawn
+    save_screenshot(page, tmp_path, "phone-number.png")
     assert problems == []

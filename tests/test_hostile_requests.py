@@ -294,7 +294,13 @@ def assert_answer(response, allowed=(200, 400, 413, 415, 422)) -> dict:
     assert response.headers["content-type"] == "application/json"
     answer = response.json()
     count(f"HTTP {response.status_code}")
-    if response.status_code == 200:
+    if response.status_code == 200 and "number" in answer:  # POST /api/read
+        assert answer["number"] == "".join(digit["digit"] for digit in answer["digits"]) != ""
+        for digit in answer["digits"]:
+            x0, y0, x1, y1 = digit["box"]
+            assert 0 <= x0 < x1 <= answer["width"] and 0 <= y0 < y1 <= answer["height"], digit
+            assert math.isclose(sum(digit["probabilities"]), 1, abs_tol=1e-4)
+    elif response.status_code == 200:
         assert answer["digit"] in META["classes"] and len(answer["probabilities"]) == 10
         assert math.isclose(sum(answer["probabilities"]), 1, abs_tol=1e-4)
     else:
@@ -308,6 +314,15 @@ def test_fuzzed_requests_get_a_digit_or_a_4xx(client, case) -> None:
     query, kind, body = case
     headers = {"content-type": kind} if kind else {}
     assert_answer(client.post(f"/api/predict{query}", content=bytes(body), headers=headers))
+
+
+@settings(FUZZ, max_examples=150)
+@given(case=requests())
+def test_fuzzed_requests_to_read_get_a_number_or_a_4xx(client, case) -> None:
+    """The same requests to POST /api/read (whose JSON takes pixels of any size, without predict's keys)."""
+    query, kind, body = case
+    headers = {"content-type": kind} if kind else {}
+    assert_answer(client.post(f"/api/read{query}", content=bytes(body), headers=headers))
 
 
 def test_the_server_still_answers_after_the_fuzz(client) -> None:
@@ -340,6 +355,7 @@ def test_the_api_answers_as_its_own_schema_says(client, mode: str) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {operation.label for operation in operations} == {
         "POST /api/predict",
+        "POST /api/read",
         "GET /api/model",
         "GET /healthz",
     }

@@ -106,6 +106,13 @@ def test_openapi_schema_without_cdn_docs(client) -> None:
             "$ref": "#/components/schemas/ErrorResponse"
         }
     assert schema["components"]["schemas"]["ErrorResponse"]["required"] == ["error"]
+    read = schema["paths"]["/api/read"]["post"]
+    assert set(read["requestBody"]["content"]) == set(body)
+    assert set(read["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {"pixels"}
+    assert {"400", "413", "415", "422"} <= set(read["responses"])
+    assert read["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ReadResponse"
+    }
     assert {"/api/model", "/healthz"} <= set(schema["paths"])
     assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
     assert client.get("/redoc").status_code == 404
@@ -153,6 +160,106 @@ def test_json_pixels_are_the_network_input(client, mnist_test: data.Dataset, mod
     moved = client.post("/api/predict", json={"pixels": corner.tolist(), "preprocess": True}).json()
     rows, cols = np.nonzero(np.asarray(moved["input"]))
     assert 10 <= rows.mean() <= 18 and 10 <= cols.mean() <= 18
+
+
+def off_centre(pixels: np.ndarray) -> np.ndarray:
+    """An MNIST digit drawn small near the top-left corner of a 120x120 white page, dark ink."""
+    page = np.full((120, 120), 255, np.uint8)
+    page[6:34, 4:32] = 255 - pixels
+    return page
+
+
+def test_steps_show_how_the_input_was_made(client, mnist_test: data.Dataset) -> None:
+    pixels = mnist_test.test_images[0].numpy()
+    blob = png(off_centre(pixels))
+    plain = post_image(client, blob).json()
+    answer = post_image(client, blob, query="?steps=true").json()
+    assert answer["input"] == plain["input"] and answer["digit"] == plain["digit"] == "7"
+    steps = answer["steps"]
+    assert steps["size"] == [120, 120]
+    x0, y0, x1, y1 = steps["crop"]
+    assert 4 <= x0 < x1 <= 32 and 6 <= y0 < y1 <= 34  # where the digit's ink is on the page
+    fitted = np.asarray(steps["fitted"])
+    assert fitted.shape == (20, 20) and fitted.max() > 200
+    bx0, by0, bx1, by1 = steps["fitted_box"]
+    assert max(bx1 - bx0, by1 - by0) == 20 and fitted[:, :bx0].max(initial=0) == 0
+    centre = np.add(steps["centre_of_mass"], steps["shift"])
+    assert np.abs(centre - 14).max() <= 0.5  # MNIST's centring, by whole pixels
+    # the 20x20 fit is the input, moved by shift
+    dx, dy = steps["shift"]
+    assert 0 <= dx <= 8 and 0 <= dy <= 8  # the 20x20 box lies within the field
+    field = np.zeros((28, 28), np.uint8)
+    field[dy : dy + 20, dx : dx + 20] = fitted
+    assert np.array_equal(field, np.asarray(answer["input"]))
+
+    raw = client.post("/api/predict?steps=true", json={"pixels": pixels.tolist()}).json()
+    assert raw["steps"] is None and "taken as they are" in raw["note"]
+    assert plain["steps"] is None and "note" not in plain
+
+
+def number_png(digits: np.ndarray, gap: int = 6, scale: int = 3) -> bytes:
+    """MNIST digits (n, 28, 28) side by side, a gap between them, dark ink on white, scaled up, as a PNG."""
+    space = np.zeros((28, gap), np.uint8)
+    row = np.hstack([space] + [part for digit in digits for part in (digit, space)])
+    image = Image.fromarray(255 - row).resize((row.shape[1] * scale, 28 * scale), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_read_a_number(app, client, mnist_test: data.Dataset) -> None:
+    """/api/read answers as read_number does with the served model, for image bytes, a multipart upload
+    and JSON pixels alike."""
+    from lenet.read import read_number
+
+    served = app.state.served
+    images, labels = mnist_test.test_images[:15].numpy(), mnist_test.test_labels[:15].tolist()
+    right = 0
+    for k in range(0, 15, 3):
+        blob = number_png(images[k : k + 3])
+        answer = client.post("/api/read", content=blob, headers={"content-type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        answer = answer.json()
+        direct = read_number(blob, served.engine.probabilities, classes=served.engine.classes)
+        assert answer["number"] == direct["number"] and len(answer["digits"]) == len(direct["digits"])
+        assert (answer["width"], answer["height"]) == (direct["width"], direct["height"])
+        for got, expected in zip(answer["digits"], direct["digits"], strict=True):
+            assert got["box"] == expected["box"] and got["input"] == expected["input"].tolist()
+            assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+            assert got["probability"] == max(got["probabilities"]) and got["digit"] == str(got["index"])
+        right += answer["number"] == "".join(str(label) for label in labels[k : k + 3])
+    assert right >= 4
+
+    blob = number_png(images[:3])
+    first = client.post("/api/read", content=blob, headers={"content-type": "image/png"}).json()
+    upload = client.post("/api/read", files={"file": ("n.png", blob, "image/png")}).json()
+    grey = np.asarray(Image.open(io.BytesIO(blob)).convert("L"))
+    pixels = client.post("/api/read", json={"pixels": grey.tolist()}).json()
+    assert first == upload
+    assert pixels["number"] == first["number"] and [d["box"] for d in pixels["digits"]] == [
+        d["box"] for d in first["digits"]
+    ]
+
+
+def test_read_errors(client) -> None:
+    def read(body, kind: str = "image/png"):
+        return client.post("/api/read", content=body, headers={"content-type": kind})
+
+    assert_error(read(png(np.full((60, 200), 250, np.uint8))), 400, "blank")
+    blobs = np.full((400, 600), 255, np.uint8)  # 300 blobs, a page of them: not one line of digits
+    for k in range(300):
+        y, x = 10 + 26 * (k // 20), 10 + 29 * (k % 20)
+        blobs[y : y + 12, x : x + 9] = 0
+    assert_error(read(png(blobs)), 422, "separate marks")
+    assert_error(read(b"not an image"), 415, "not an image")
+    assert_error(read(b"hello", "text/plain"), 415, "content type")
+    from lenet.serve import MAX_BODY_BYTES
+
+    assert_error(read(b"\x89PNG" + bytes(MAX_BODY_BYTES)), 413, "bytes")
+    assert_error(client.post("/api/read", json={"pixels": []}), 422, "pixels")
+    assert_error(client.post("/api/read", json={"pixels": [[0, 1], [2]]}), 400, "2-D array")
+    assert_error(client.post("/api/read", json={"pixels": [[0]], "features": True}), 422, "features")
+    assert_error(client.post("/api/read?invert=maybe", content=png(blobs)), 422, "invert")
 
 
 def test_requests_ready_together_share_a_forward_pass(

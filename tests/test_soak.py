@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from served import uvicorn_in_a_thread
 
 from lenet import bench, checkpoint, data
 
@@ -267,10 +268,9 @@ def local_port() -> Iterator[int]:
     """The app (a `modern` checkpoint with fresh weights) under uvicorn in a thread, run as `lenet serve` runs
     it, on 127.0.0.1 and a port the OS picks."""
     import torch
-    import uvicorn
 
     from lenet.models import build
-    from lenet.serve import UVICORN_OPTIONS, create_app
+    from lenet.serve import create_app
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "modern.safetensors"
@@ -285,16 +285,8 @@ def local_port() -> Iterator[int]:
             torch.manual_seed(0)
             checkpoint.save(path, build("modern").eval(), meta)
         app = create_app(path)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **UVICORN_OPTIONS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield server.servers[0].sockets[0].getsockname()[1]
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_in_a_thread(app) as port:
+        yield port
 
 
 def test_urllib_sees_the_413_of_an_oversized_upload(local_port: int) -> None:

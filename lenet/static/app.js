@@ -1,32 +1,54 @@
-// Draw a digit: the canvas goes to POST /api/predict as PNG while drawing (debounced) and the moment the pen
-// lifts. Each answer (the digit, the ten probabilities, the 28x28 input, the feature maps) is built off the
-// page and replaces the one shown in one step, tagged with the request it answers. No libraries, no network
-// beyond this server.
+// Draw a digit or a number: the canvas goes to the server as PNG while drawing (debounced) and the moment
+// the pen lifts, to POST /api/predict (digit mode) or POST /api/read (number mode). Each answer is built off
+// the page and replaces the one shown in one step, tagged with the request it answers: in digit mode the
+// digit, the ten probabilities, the 28x28 input, the feature maps and on request how the input was made; in
+// number mode the number, and a box over the drawing for each digit with its reading. No libraries, no
+// network beyond this server.
 "use strict";
 
 const DEBOUNCE_MS = 120;
-const STROKE = 0.075; // pen width as a fraction of the canvas side (MNIST strokes: ~2 of 20 pixels)
+const STROKE = 0.075; // pen width as a fraction of the canvas's shorter side (MNIST strokes: ~2 of 20 pixels)
 const CLASSES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+const MARK = "#f2b134"; // what the show-work stages draw over images (boxes, centres of mass)
 
+const main = document.getElementById("main");
 const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
 const errorBox = document.getElementById("error");
 const spoken = document.getElementById("spoken");
-const emptyAnswer = document.getElementById("answer").cloneNode(true); // every answer is built from a copy
+const showWork = document.getElementById("show-work");
+// every answer is built from a copy of an empty one
+const emptyDigitAnswer = document.getElementById("answer").cloneNode(true);
+const emptyNumberAnswer = document.getElementById("number-answer").content.firstElementChild;
+const emptyMarks = document.getElementById("marks").cloneNode(false);
 
 let inked = false; // anything on the canvas worth sending
 let timer = null;
 let strokes = 0; // strokes finished since the page loaded
 let latest = 0; // id of the newest request: older answers arriving late are dropped
 let inFlight = null;
+let lastSent = null; // the body and content type of the newest request, to ask again (show work)
 let facts = { feature_maps: true, backend: "" }; // from /api/model once it answers
 
-// What the page asks and how it shows the answer: reading one digit. (Another way of reading would be
-// another pair of these.)
-const reading = {
-  url: () => `api/predict?features=${facts.feature_maps}`,
-  render: renderDigit,
+// What the page asks and how it shows the answer, for each way of reading. render(answer or null, the
+// drawing as it was sent or null) -> [a new #answer, a new #marks], both off the page.
+const READINGS = {
+  digit: {
+    url: () => `api/predict?features=${facts.feature_maps}&steps=${showWork.checked}`,
+    render: renderDigit,
+    size: [280, 280],
+    title: "Draw a digit",
+    hint: "Draw one digit, large, in the middle. The network answers as you draw.",
+  },
+  number: {
+    url: () => "api/read",
+    render: renderNumber,
+    size: [560, 280],
+    title: "Draw a number",
+    hint: "Write a number on one line, digits side by side. The network answers as you draw.",
+  },
 };
+let reading = READINGS.digit;
 
 function showError(message) {
   errorBox.textContent = message;
@@ -45,6 +67,31 @@ function blank() {
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, pad.width, pad.height);
   inked = false;
+}
+
+// Forgets the drawing and any answer on its way, and shows an empty answer.
+function startOver() {
+  clearTimeout(timer);
+  latest += 1; // answers still on their way are for a drawing that is gone
+  if (inFlight) inFlight.abort();
+  lastSent = null;
+  blank();
+  show(...reading.render(null, null), 0, strokes, null);
+  clearError();
+}
+
+function setMode(mode) {
+  reading = READINGS[mode];
+  main.dataset.mode = mode;
+  [pad.width, pad.height] = reading.size;
+  document.getElementById("title").textContent = reading.title;
+  document.getElementById("hint").textContent = reading.hint;
+  document.title = `LeNet: ${reading.title.toLowerCase()}`;
+  startOver();
+}
+
+for (const radio of document.querySelectorAll('input[name="mode"]')) {
+  radio.addEventListener("change", () => setMode(radio.value));
 }
 
 // ---- drawing -------------------------------------------------------------------------------------------
@@ -66,7 +113,7 @@ pad.addEventListener("pointerdown", (event) => {
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   ctx.strokeStyle = "#000";
-  ctx.lineWidth = STROKE * pad.width;
+  ctx.lineWidth = STROKE * Math.min(pad.width, pad.height);
   ctx.beginPath();
   ctx.moveTo(last.x, last.y);
   ctx.lineTo(last.x + 0.01, last.y); // a tap leaves a dot
@@ -104,13 +151,10 @@ function endStroke() {
 pad.addEventListener("pointerup", endStroke);
 pad.addEventListener("pointercancel", endStroke);
 
-document.getElementById("clear").addEventListener("click", () => {
-  clearTimeout(timer);
-  latest += 1; // answers still on their way are for a drawing that is gone
-  if (inFlight) inFlight.abort();
-  blank();
-  show(reading.render(null), 0, strokes, null);
-  clearError();
+document.getElementById("clear").addEventListener("click", startOver);
+
+showWork.addEventListener("change", () => {
+  if (lastSent) ask(lastSent.body, lastSent.contentType); // the drawing shown again, with or without steps
 });
 
 // ---- asking the server ---------------------------------------------------------------------------------
@@ -135,9 +179,21 @@ function pngBytes(canvas) {
   return bytes;
 }
 
+// A copy of the pad as it is now (what the show-work stages draw the crop from).
+function snapshot() {
+  const copy = document.createElement("canvas");
+  copy.width = pad.width;
+  copy.height = pad.height;
+  copy.getContext("2d").drawImage(pad, 0, 0);
+  return copy;
+}
+
 async function ask(body, contentType, penUp = null) {
   const id = ++latest;
   const strokesSent = strokes;
+  const asked = reading;
+  const drawing = showWork.checked && asked === READINGS.digit ? snapshot() : null;
+  lastSent = { body, contentType };
   if (inFlight) inFlight.abort();
   const controller = new AbortController();
   inFlight = controller;
@@ -145,7 +201,7 @@ async function ask(body, contentType, penUp = null) {
   if (contentType) init.headers = { "Content-Type": contentType };
   let response;
   try {
-    response = await fetch(reading.url(), init);
+    response = await fetch(asked.url(), init);
   } catch (err) {
     if (err.name !== "AbortError") showError(`No answer from the server: ${err.message}`);
     return;
@@ -165,35 +221,43 @@ async function ask(body, contentType, penUp = null) {
     return;
   }
   clearError();
-  show(reading.render(answer), id, strokesSent, penUp);
+  show(...asked.render(answer, drawing), id, strokesSent, penUp);
 }
 
 // ---- showing the answer --------------------------------------------------------------------------------
 
-// Puts view (a new #answer, not yet on the page) in the place of the one shown, in one step, tagged with
-// the request it answers (0: none) and the strokes finished when that was sent.
-function show(view, request, strokesSent, penUp) {
-  view.dataset.request = String(request);
-  view.dataset.strokes = String(strokesSent);
+// Puts view (a new #answer) and marks (a new #marks over the pad), not yet on the page, in the places of
+// those shown, in one step, tagged with the request they answer (0: none) and the strokes finished when it
+// was sent.
+function show(view, marks, request, strokesSent, penUp) {
+  for (const part of [view, marks]) {
+    part.dataset.request = String(request);
+    part.dataset.strokes = String(strokesSent);
+  }
+  document.getElementById("marks").replaceWith(marks);
   document.getElementById("answer").replaceWith(view);
   if (penUp !== null) view.dataset.msAfterPenUp = (performance.now() - penUp).toFixed(1);
-  const digit = view.querySelector("#digit").textContent;
-  const sure = view.querySelector("#confidence").textContent;
-  spoken.textContent = digit === "?" ? "" : `It reads ${digit}, ${sure}`;
+  spoken.textContent = view.dataset.spoken || "";
 }
 
-// A new #answer for a /api/predict answer (null: no answer yet), off the page.
-function renderDigit(answer) {
-  const view = emptyAnswer.cloneNode(true);
+function percent(p) {
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+// Digit mode: a new #answer for a /api/predict answer (null: no answer yet), and an empty #marks.
+function renderDigit(answer, drawing) {
+  const view = emptyDigitAnswer.cloneNode(true);
   const part = (id) => view.querySelector(`#${id}`);
   const p = answer ? answer.probabilities : null;
   if (answer) {
     part("digit").textContent = answer.digit;
-    part("confidence").textContent = `${(100 * p[answer.index]).toFixed(1)}% sure`;
+    part("confidence").textContent = `${percent(p[answer.index])} sure`;
+    view.dataset.spoken = `It reads ${answer.digit}, ${percent(p[answer.index])} sure`;
   }
   const rows = answer ? bars(answer.classes, p, answer.index) : bars(CLASSES, null, -1);
   part("probabilities").replaceChildren(...rows);
   drawGrey(part("input"), answer ? answer.input : null);
+  if (answer && answer.steps && drawing) renderWork(part, answer.steps, answer.input, drawing);
   if (answer && answer.features) {
     drawMaps(part("conv1"), answer.features.conv1);
     drawMaps(part("conv2"), answer.features.conv2);
@@ -203,7 +267,7 @@ function renderDigit(answer) {
   const note = (answer && answer.note) || (facts.feature_maps ? "" : missing);
   part("features-note").textContent = note;
   part("features-note").hidden = !note;
-  return view;
+  return [view, emptyMarks.cloneNode(false)];
 }
 
 // One row per class: its name, a bar and the percentage (all empty while probabilities is null).
@@ -225,7 +289,7 @@ function bars(classes, probabilities, best) {
     track.append(fill);
     const value = document.createElement("span");
     value.className = "value";
-    value.textContent = probabilities ? `${(100 * p).toFixed(1)}%` : "";
+    value.textContent = probabilities ? percent(p) : "";
     li.append(label, track, value);
     return li;
   });
@@ -267,6 +331,148 @@ function drawMaps(box, maps) {
   box.replaceChildren(...canvases);
 }
 
+// ---- show work: how the drawing became the 28x28 input --------------------------------------------------
+
+// Where an image of size [w, h] lies on the pad: uploads are drawn on it fitted and centred, drawings are
+// the pad itself (scale 1). Maps the image's pixels to the pad's.
+function onPad([w, h]) {
+  const scale = Math.min(pad.width / w, pad.height / h);
+  return { scale, dx: (pad.width - w * scale) / 2, dy: (pad.height - h * scale) / 2 };
+}
+
+// steps: /api/predict's `steps` (sizes and boxes in pixels, centre of mass [x, y] with pixel i's centre at
+// i); input: the 28x28 input; drawing: the pad as it was sent.
+function renderWork(part, steps, input, drawing) {
+  const work = part("work");
+  const [x0, y0, x1, y1] = steps.crop;
+  const [cx, cy] = steps.centre_of_mass;
+  const [sx, sy] = steps.shift;
+  work.dataset.crop = steps.crop.join(",");
+  work.dataset.centre = [cx + sx, cy + sy].map((v) => v.toFixed(2)).join(",");
+  part("crop-size").textContent = `${x1 - x0}\u00d7${y1 - y0} of ${steps.size[0]}\u00d7${steps.size[1]} px`;
+  part("shift").textContent = `(${sx}, ${sy})`;
+  drawCrop(part("work-crop"), drawing, steps);
+  const fit = drawPixels(part("work-fit"), steps.fitted);
+  outline(fit, steps.fitted_box, part("work-fit").width / 20);
+  cross(fit, cx, cy, part("work-fit").width / 20);
+  const centre = drawPixels(part("work-centre"), input);
+  const k = part("work-centre").width / 28;
+  outline(centre, [sx, sy, sx + 20, sy + 20], k);
+  centre.setLineDash([2, 3]);
+  cross(centre, 14, 14, k, 28); // the middle of the field, across it
+  centre.setLineDash([]);
+  cross(centre, cx + sx, cy + sy, k);
+  work.hidden = false;
+}
+
+// The drawing as sent, scaled to the stage, darkened outside the crop, the crop outlined.
+function drawCrop(canvas, drawing, steps) {
+  const g = canvas.getContext("2d");
+  const k = Math.min(canvas.width / drawing.width, canvas.height / drawing.height);
+  const [w, h] = [drawing.width * k, drawing.height * k];
+  const [ox, oy] = [(canvas.width - w) / 2, (canvas.height - h) / 2];
+  g.fillStyle = "#eef1f6";
+  g.fillRect(0, 0, canvas.width, canvas.height);
+  g.drawImage(drawing, ox, oy, w, h);
+  const place = onPad(steps.size);
+  const [x0, y0, x1, y1] = steps.crop.map((v, i) => k * (v * place.scale + (i % 2 ? place.dy : place.dx)));
+  g.fillStyle = "rgba(29, 35, 48, 0.35)";
+  g.beginPath();
+  g.rect(0, 0, canvas.width, canvas.height);
+  g.rect(ox + x0, oy + y0, x1 - x0, y1 - y0);
+  g.fill("evenodd");
+  g.strokeStyle = MARK;
+  g.lineWidth = 2;
+  g.strokeRect(ox + x0, oy + y0, x1 - x0, y1 - y0);
+}
+
+// rows (grey levels) drawn on the whole of canvas, each pixel a square; returns its context.
+function drawPixels(canvas, rows) {
+  const small = document.createElement("canvas");
+  drawGrey(small, rows);
+  const g = canvas.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.drawImage(small, 0, 0, canvas.width, canvas.height);
+  return g;
+}
+
+// [x0, y0, x1, y1] in pixels of k canvas units
+function outline(g, [x0, y0, x1, y1], k) {
+  g.strokeStyle = MARK;
+  g.lineWidth = 1;
+  g.strokeRect(x0 * k + 0.5, y0 * k + 0.5, (x1 - x0) * k - 1, (y1 - y0) * k - 1);
+}
+
+// a cross on the centre of pixel (x, y), `arm` pixels each way
+function cross(g, x, y, k, arm = 1.5) {
+  const [px, py] = [(x + 0.5) * k, (y + 0.5) * k];
+  g.strokeStyle = MARK;
+  g.lineWidth = 2;
+  g.beginPath();
+  g.moveTo(px - arm * k, py);
+  g.lineTo(px + arm * k, py);
+  g.moveTo(px, py - arm * k);
+  g.lineTo(px, py + arm * k);
+  g.stroke();
+}
+
+// ---- number mode -----------------------------------------------------------------------------------------
+
+// A new #answer for a /api/read answer (null: none yet): the number and each digit as the network saw it;
+// and a new #marks: a box over each digit on the pad, its reading under it.
+function renderNumber(answer) {
+  const view = emptyNumberAnswer.cloneNode(true);
+  const marks = emptyMarks.cloneNode(false);
+  if (!answer) return [view, marks];
+  view.querySelector("#number").textContent = answer.number;
+  view.dataset.spoken = `It reads ${answer.number}`;
+  view.querySelector("#digits").replaceChildren(...answer.digits.map(digitSeen));
+  const place = onPad([answer.width, answer.height]);
+  marks.replaceChildren(...answer.digits.map((digit) => markOf(digit, place)));
+  return [view, marks];
+}
+
+function digitSeen(digit) {
+  const li = document.createElement("li");
+  li.dataset.digit = digit.digit;
+  li.dataset.probability = String(digit.probability);
+  const input = document.createElement("canvas");
+  input.className = "pixels";
+  drawGrey(input, digit.input);
+  const name = document.createElement("span");
+  name.className = "digit";
+  name.textContent = digit.digit;
+  const sure = document.createElement("span");
+  sure.className = "label";
+  sure.textContent = percent(digit.probability);
+  li.append(input, name, sure);
+  return li;
+}
+
+// A box over one digit, placed in percentages of the pad; its label below it, or above where the box reaches
+// the bottom, or inside where it fills the height, and right-aligned in the pad's right half, so that it
+// stays on the pad.
+function markOf(digit, place) {
+  const [x0, y0, x1, y1] = digit.box.map((v, i) => v * place.scale + (i % 2 ? place.dy : place.dx));
+  const box = document.createElement("div");
+  box.className = "mark";
+  box.dataset.digit = digit.digit;
+  box.dataset.probability = String(digit.probability);
+  box.style.left = `${(100 * x0) / pad.width}%`;
+  box.style.top = `${(100 * y0) / pad.height}%`;
+  box.style.width = `${(100 * (x1 - x0)) / pad.width}%`;
+  box.style.height = `${(100 * (y1 - y0)) / pad.height}%`;
+  const label = document.createElement("span");
+  label.className = "mark-label";
+  label.textContent = `${digit.digit} ${percent(digit.probability)}`;
+  if (y1 < 0.85 * pad.height) label.classList.add("below");
+  else if (y0 > 0.15 * pad.height) label.classList.add("above");
+  else label.classList.add("inside");
+  if (x0 + x1 > pad.width) label.classList.add("right");
+  box.append(label);
+  return box;
+}
+
 // ---- uploads and model facts ---------------------------------------------------------------------------
 
 document.getElementById("upload").addEventListener("change", async (event) => {
@@ -278,10 +484,9 @@ document.getElementById("upload").addEventListener("change", async (event) => {
   try {
     // show it on the pad (fitted, centred) so that one can draw over it
     const bitmap = await createImageBitmap(file);
-    const scale = Math.min(pad.width / bitmap.width, pad.height / bitmap.height);
-    const w = bitmap.width * scale;
-    const h = bitmap.height * scale;
-    ctx.drawImage(bitmap, (pad.width - w) / 2, (pad.height - h) / 2, w, h);
+    const place = onPad([bitmap.width, bitmap.height]);
+    const [w, h] = [bitmap.width * place.scale, bitmap.height * place.scale];
+    ctx.drawImage(bitmap, place.dx, place.dy, w, h);
     inked = true;
   } catch (err) {
     // the browser cannot show it; the server still gets it and says what is wrong
@@ -305,13 +510,13 @@ async function loadFacts() {
     parts.push(`${facts.backend} backend`);
     out.textContent = parts.join(" · ");
     const shown = document.getElementById("answer");
-    if (shown.dataset.request === "0") show(reading.render(null), 0, strokes, null); // with the facts' note
+    if (shown.dataset.request === "0") show(...reading.render(null, null), 0, strokes, null); // the facts' note
   } catch (err) {
     out.textContent = "";
     showError(`Could not read the model facts: ${err.message}`);
   }
 }
 
-blank();
-show(reading.render(null), 0, strokes, null);
+// the browser may keep a choice from before a reload: the page starts in the mode the switch shows
+setMode(document.querySelector('input[name="mode"]:checked').value);
 loadFacts();
