@@ -9,10 +9,12 @@ Set LENET_SCREENSHOT_DIR to keep a copy of the screenshots outside pytest's temp
 """
 
 import base64
+import contextlib
 import json
 import math
 import os
 import shutil
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +46,17 @@ def server_url(modern_checkpoint: Path) -> Iterator[str]:
     from lenet.serve import create_app
 
     with uvicorn_in_a_thread(create_app(modern_checkpoint)) as port:
-        yield f"http://127.0.0.1:{port}/"
+        url = f"http://127.0.0.1:{port}/"
+        # one request per route first: the pen-up timings measure a running server, not its first forward
+        # pass, thread start or lazy imports
+        blank = json.dumps({"pixels": [[0] * 28] * 27 + [[0] * 13 + [255] * 2 + [0] * 13]}).encode()
+        for route in ("api/predict", "api/read"):
+            post = urllib.request.Request(
+                url + route, data=blank, headers={"Content-Type": "application/json"}
+            )
+            with contextlib.suppress(urllib.error.HTTPError):  # a refusal warms the same path
+                urllib.request.urlopen(post, timeout=60).close()
+        yield url
 
 
 @pytest.fixture(scope="module")
