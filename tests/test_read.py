@@ -107,11 +107,10 @@ def test_numbers_are_read_and_the_naive_split_is_worse(mnist_test, classify):
             pairs_right += len(got) == len(number.text) and got[i : i + 2] == number.text[i : i + 2]
     fours_right = sum(readings[id(n)] == n.text for n in fours) / len(fours)
     naive_fours = sum(naive_reading(n.image, 4, classify) == n.text for n in fours) / len(fours)
-    # with this 2-epoch checkpoint: 97.9% of digits, 92.5% of 4-digit numbers, 66.7% of touching pairs;
-    # after the default 10 epochs 98.1%, 95.5% and 64.4%. The naive split: 86.6% and 72.0%.
+    # measured values in docs/reading.md; the naive split: about 86% and 72%
     assert right / digits >= 0.97, right / digits
-    assert fours_right >= 0.9, fours_right
-    assert pairs_right / pairs >= 0.6, pairs_right / pairs
+    assert fours_right >= 0.92, fours_right
+    assert pairs_right / pairs >= 0.62, pairs_right / pairs
     assert naive_right / digits < right / digits - 0.05 and naive_fours < fours_right - 0.1
 
 
@@ -120,8 +119,8 @@ def test_touching_pairs_are_split(mnist_test, classify):
     images, labels = mnist_test
     pairs = number_images(images, labels, 60, seed=4, lengths=(2, 2), touching=1.0)
     readings = [read_number(pair.image, classify)["number"] for pair in pairs]
-    assert sum(len(got) == 2 for got in readings) >= 0.8 * len(pairs), readings  # one piece, two digits
-    assert sum(got == pair.text for got, pair in zip(readings, pairs, strict=True)) >= 0.6 * len(pairs)
+    assert sum(len(got) == 2 for got in readings) >= 0.85 * len(pairs), readings  # one piece, two digits
+    assert sum(got == pair.text for got, pair in zip(readings, pairs, strict=True)) >= 0.75 * len(pairs)
 
 
 def broken(digit: np.ndarray, where: str) -> np.ndarray | None:
