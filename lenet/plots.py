@@ -76,7 +76,7 @@ def curves(metrics_path: str | Path, out: str | Path) -> Path:
 
 def accuracy_curves(panels: dict[str, dict[str, list[float]]], out: str | Path) -> Path:
     """Side-by-side panels of test accuracy per epoch: {panel title: {line label: accuracies}}, as a PNG."""
-    figure = _figure(6 * len(panels), 4.5)
+    figure = _figure(6 * len(panels), 6)
     for axes, (title, lines) in zip(
         figure.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True
     ):
@@ -85,10 +85,13 @@ def accuracy_curves(panels: dict[str, dict[str, list[float]]], out: str | Path) 
         axes.set_title(title)
         axes.set_xlabel("epoch")
         axes.set_ylabel("test accuracy")
-        axes.set_ylim(0.97, 1.0)
+        # low enough to show where every line ends; the first epochs of slow starters may fall below
+        lowest_end = min((values[-1] for values in lines.values() if values), default=1.0)
+        axes.set_ylim(min(0.97, math.floor(lowest_end * 200) / 200), 1.0)
         axes.grid(alpha=0.3)
         if lines:
-            axes.legend(fontsize=7, loc="lower right")
+            # below the axes: inside, it would hide the curves that end low
+            axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     return _save(figure, out)
 
 

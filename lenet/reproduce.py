@@ -172,7 +172,8 @@ def train_command(cfg: TrainConfig, row: Row) -> str:
     return command_line(cfg, [*row.overrides, "seed", "out"])
 
 
-_NOT_COMPARED = ("resume", "overwrite", "device", "data_dir")  # do not change what a run computes
+_NOT_COMPARED = ("resume", "overwrite", "device", "data_dir", "out")  # do not change what a run computes
+# (out: a folder of runs may be moved, and is found by where it is now)
 
 
 def _finished_part(cfg: TrainConfig) -> dict | None:
