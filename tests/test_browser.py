@@ -127,6 +127,16 @@ def shown_answer(page, strokes: int) -> dict:
     )
 
 
+def server_answer_to_pad(page, url: str) -> dict:
+    """The server's JSON answer when what the drawing pad holds now is POSTed to url as PNG."""
+    drawing = page.evaluate("() => document.querySelector('#pad').toDataURL('image/png')")
+    post = urllib.request.Request(
+        url, data=base64.b64decode(drawing.split(",", 1)[1]), headers={"Content-Type": "image/png"}
+    )
+    with urllib.request.urlopen(post, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def assert_read(answer: dict, digit: str) -> None:
     assert answer["digit"] == digit, answer
     assert len(answer["probabilities"]) == 10 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
@@ -183,14 +193,7 @@ def test_the_answer_shown_is_to_the_drawing_as_it_ends(browser, server_url: str)
     for points in strokes:
         stroke(page, points)
     answer = shown_answer(page, strokes=len(strokes))
-    drawing = page.evaluate("() => document.querySelector('#pad').toDataURL('image/png')")
-    post = urllib.request.Request(
-        f"{server_url}api/predict",
-        data=base64.b64decode(drawing.split(",", 1)[1]),
-        headers={"Content-Type": "image/png"},
-    )
-    with urllib.request.urlopen(post, timeout=30) as response:
-        expected = json.loads(response.read())
+    expected = server_answer_to_pad(page, f"{server_url}api/predict")
     assert answer["input"] == expected["input"]
     assert answer["digit"] == expected["digit"]
     assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
@@ -332,14 +335,7 @@ def test_a_drawn_number_is_read(browser, server_url: str, tmp_path: Path) -> Non
     save_screenshot(page, tmp_path, "number.png")
 
     # what is shown is the server's answer to the final drawing
-    drawing = page.evaluate("() => document.querySelector('#pad').toDataURL('image/png')")
-    post = urllib.request.Request(
-        f"{server_url}api/read",
-        data=base64.b64decode(drawing.split(",", 1)[1]),
-        headers={"Content-Type": "image/png"},
-    )
-    with urllib.request.urlopen(post, timeout=30) as response:
-        expected = json.loads(response.read())
+    expected = server_answer_to_pad(page, f"{server_url}api/read")
     assert expected["number"] == answer["number"]
     for mark, digit in zip(answer["marks"], expected["digits"], strict=True):
         x0, y0, x1, y1 = digit["box"]
