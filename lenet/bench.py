@@ -414,7 +414,6 @@ def bench_predict(
     from lenet.read import read_number
 
     dataset = data.load("mnist")
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     built = build("modern").eval()
     model = fold_batch_norm(built)
@@ -437,8 +436,9 @@ def bench_predict(
         "ours": (ours, blobs),
         "read": (lambda b: read_number(b, classify), numbers),
     }
-    latency = _latencies(calls_by_name, calls)
-    best = _folder_rates(blobs, ours, lambda: classifier(model, mean, std), baseline_images, rounds)
+    with _torch_threads(1):
+        latency = _latencies(calls_by_name, calls)
+        best = _folder_rates(blobs, ours, lambda: classifier(model, mean, std), baseline_images, rounds)
 
     def ms(name: str, q: float) -> float:
         return round(float(np.percentile(latency[name], q)) * 1e3, 3)
@@ -446,7 +446,7 @@ def bench_predict(
     return {
         "suite": "predict",
         "model": "modern",
-        "threads": torch.get_num_threads(),
+        "threads": 1,
         "cpus": os.cpu_count(),
         "images": len(blobs),
         "p50_ms": ms("ours", 50),
@@ -460,6 +460,17 @@ def bench_predict(
         "baseline_folder_images_per_s": round(best["baseline"], 1),
         "folder_speedup": round(best["pool"] / best["baseline"], 2),
     }
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to count inside the block, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -236,10 +236,8 @@ def test_predict_benchmark_reports_every_path(mnist_cache, monkeypatch):
 
     monkeypatch.setenv("LENET_DATA_DIR", str(mnist_cache))
     threads = torch.get_num_threads()
-    try:
-        result = bench.run("predict", quick=True)  # sets one torch thread, as `lenet predict` runs
-    finally:
-        torch.set_num_threads(threads)
+    result = bench.run("predict", quick=True)  # on one torch thread, as `lenet predict` runs
+    assert torch.get_num_threads() == threads  # and the caller's count put back
     timed = ("p50_ms", "p99_ms", "baseline_p50_ms", "read_4_digits_p50_ms", "folder_images_per_s")
     assert result["images"] == 600 and all(result[key] > 0 for key in timed)
     assert result["p50_ms"] <= result["p99_ms"] and result["folder_speedup"] > 0
