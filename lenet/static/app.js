@@ -340,6 +340,11 @@ function onPad([w, h]) {
   return { scale, dx: (pad.width - w * scale) / 2, dy: (pad.height - h * scale) / 2 };
 }
 
+// A box [x0, y0, x1, y1] in an image's pixels, in the pad's pixels (place: onPad of the image's size).
+function boxOnPad(box, place) {
+  return box.map((v, i) => v * place.scale + (i % 2 ? place.dy : place.dx));
+}
+
 // steps: /api/predict's `steps` (sizes and boxes in pixels, centre of mass [x, y] with pixel i's centre at
 // i); input: the 28x28 input; drawing: the pad as it was sent.
 function renderWork(part, steps, input, drawing) {
@@ -375,7 +380,7 @@ function drawCrop(canvas, drawing, steps) {
   g.fillRect(0, 0, canvas.width, canvas.height);
   g.drawImage(drawing, ox, oy, w, h);
   const place = onPad(steps.size);
-  const [x0, y0, x1, y1] = steps.crop.map((v, i) => k * (v * place.scale + (i % 2 ? place.dy : place.dx)));
+  const [x0, y0, x1, y1] = boxOnPad(steps.crop, place).map((v) => k * v);
   g.fillStyle = "rgba(29, 35, 48, 0.35)";
   g.beginPath();
   g.rect(0, 0, canvas.width, canvas.height);
@@ -453,7 +458,7 @@ function digitSeen(digit) {
 // the bottom, or inside where it fills the height, and right-aligned in the pad's right half, so that it
 // stays on the pad.
 function markOf(digit, place) {
-  const [x0, y0, x1, y1] = digit.box.map((v, i) => v * place.scale + (i % 2 ? place.dy : place.dx));
+  const [x0, y0, x1, y1] = boxOnPad(digit.box, place);
   const box = document.createElement("div");
   box.className = "mark";
   box.dataset.digit = digit.digit;
