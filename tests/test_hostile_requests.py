@@ -308,21 +308,24 @@ def assert_answer(response, allowed=(200, 400, 413, 415, 422)) -> dict:
     return answer
 
 
+def send(client, route: str, case: tuple):
+    """POST one generated request (query, content type or None, body) to route."""
+    query, kind, body = case
+    headers = {"content-type": kind} if kind else {}
+    return client.post(f"{route}{query}", content=bytes(body), headers=headers)
+
+
 @settings(FUZZ, max_examples=200)
 @given(case=requests())
 def test_fuzzed_requests_get_a_digit_or_a_4xx(client, case) -> None:
-    query, kind, body = case
-    headers = {"content-type": kind} if kind else {}
-    assert_answer(client.post(f"/api/predict{query}", content=bytes(body), headers=headers))
+    assert_answer(send(client, "/api/predict", case))
 
 
 @settings(FUZZ, max_examples=150)
 @given(case=requests())
 def test_fuzzed_requests_to_read_get_a_number_or_a_4xx(client, case) -> None:
     """The same requests to POST /api/read (whose JSON takes pixels of any size, without predict's keys)."""
-    query, kind, body = case
-    headers = {"content-type": kind} if kind else {}
-    assert_answer(client.post(f"/api/read{query}", content=bytes(body), headers=headers))
+    assert_answer(send(client, "/api/read", case))
 
 
 def test_the_server_still_answers_after_the_fuzz(client) -> None:
