@@ -408,6 +408,7 @@ def bench_predict(
     from PIL import Image
 
     from lenet import data
+    from lenet.device import torch_threads
     from lenet.models import build
     from lenet.predict import classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
@@ -436,7 +437,7 @@ def bench_predict(
         "ours": (ours, blobs),
         "read": (lambda b: read_number(b, classify), numbers),
     }
-    with _torch_threads(1):
+    with torch_threads(1):
         latency = _latencies(calls_by_name, calls)
         best = _folder_rates(blobs, ours, lambda: classifier(model, mean, std), baseline_images, rounds)
 
@@ -460,17 +461,6 @@ def bench_predict(
         "baseline_folder_images_per_s": round(best["baseline"], 1),
         "folder_speedup": round(best["pool"] / best["baseline"], 2),
     }
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count set to count inside the block, and put back after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -1,6 +1,10 @@
-"""Which torch device a name means: shared by training, evaluation, prediction and serving."""
+"""Which torch device a name means, and how many CPU threads torch uses: shared by training, evaluation,
+prediction, serving and the benchmarks."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -24,3 +28,14 @@ def resolve_device(name: str) -> torch.device:
     if name not in DEVICES[1:]:
         raise LenetError(f"--device: unknown device {name!r}, expected auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to count inside the block, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -49,20 +49,15 @@ def tiny_dataset() -> data.Dataset:
 
 
 def _train_briefly(model: str, epochs: int, mnist_cache: Path, factory: pytest.TempPathFactory) -> Path:
-    import torch
-
+    from lenet.device import torch_threads
     from lenet.train import fit
 
     out = factory.mktemp(f"{model}-run")
     data_dir = str(mnist_cache / "mnist")
     # One thread, whatever the machine or an earlier test set: the kernels' sums (and so the weights, and
     # the margins of the tests that read with them) depend on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         run = fit(model, epochs=epochs, data_dir=data_dir, out=str(out), device="cpu", log=lambda _: None)
-    finally:
-        torch.set_num_threads(threads)
     return run.checkpoint
 
 
