@@ -133,22 +133,15 @@ def read_number(
     pieces, height = _marks(boxes, label)
     atoms = _atoms(labels, ink, pieces, boxes, height, max(stroke_width(labels > 0), 1.0))
     spans = _spans(atoms, height)
-    fields = np.stack([fit_ink(_ink_of(atoms[i:j], ink, labels)) for i, j, _ in spans])  # (N, 28, 28)
+    reaches = [_reach(atom, labels) for atom in atoms]
+    fields = np.stack([fit_ink(_ink_of(reaches[i:j], ink)) for i, j, _ in spans])  # (N, 28, 28)
     probabilities = np.asarray(classify(fields), dtype=np.float64)
     if probabilities.shape != (len(spans), len(classes)):
         raise ValueError(
             f"classify gave {probabilities.shape} for {len(spans)} images, {len(classes)} classes"
         )
     usual = float(np.median(boxes[pieces, 2] - boxes[pieces, 0])) / height  # a piece's width
-    line = _line(boxes[pieces], height)
-    features = np.stack(
-        [
-            _features(shape, atoms, i, j, p, usual, line)
-            for (i, j, shape), p in zip(spans, probabilities, strict=True)
-        ]
-    )
-    read_as = probabilities.argmax(1)[:, None] == np.arange(len(ASPECTS))  # (N, 10) the digit each reads as
-    features = np.hstack([features, read_as])
+    features = _features(atoms, spans, probabilities, usual, _line(boxes[pieces], height))
     chosen = _best_split(atoms, spans, features @ WEIGHTS, height)
     if not chosen:
         raise NoNumberError(f"{label}: no digits found (only specks and stray marks)")
@@ -233,26 +226,29 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
     if not costs:
         return []
     step = max(1, round(height / CUT_ROWS))
-    small = [_reduced(cost, step) for cost in costs]
+    small = [_reduced(cost, step) for cost in costs] if step > 1 else costs
     starts = np.cumsum([1] + [c.shape[1] + 1 for c in small])  # pieces' first columns (a wall before each)
     strip = np.zeros((max(c.shape[0] for c in small), int(starts[-1])))
     strip[:, starts - 1] = WALL
     for c, x in zip(small, starts[:-1], strict=True):
         strip[: c.shape[0], x : x + c.shape[1]] = c
     totals, came = _cheapest(np.stack([strip, strip[::-1]]))
-    down, up, came_down, came_up = totals[0], totals[1, ::-1], came[0], came[1, ::-1]
+    down, up = totals[0], totals[1, ::-1]
+    came_down, came_up = came[0].tolist(), came[1, ::-1].tolist()  # walked a pixel at a time by _trace
     through = down + up - strip  # the cheapest cut through each pixel
     padded = np.pad(through, ((0, 0), (1, 1)), constant_values=np.inf)
     candidate = (strip > 0.5) & (strip < WALL) & (through <= padded[:, :-2]) & (through <= padded[:, 2:])
     candidate &= through <= MAX_CUT * stroke / step
     left_of = np.pad(np.cumsum(strip, axis=1), ((0, 0), (1, 0)))  # (h, W + 1): cost left of each column
+    inked = strip > 0.5
     found = []
     for c, x, full in zip(small, starts[:-1], costs, strict=True):
         h, w = c.shape
         ys, xs = np.nonzero(candidate[:h, x : x + w])
         order = np.argsort(through[ys, xs + x], kind="stable")
-        inside = (left_of[:h] - left_of[:h, x : x + 1]) / max(float(c.sum()), 1e-9)  # of the piece's ink
-        cuts = _choose(came_down, came_up, strip > 0.5, inside, ys[order], xs[order] + x, through, x, w,
+        # (h, w + 1): the share of the piece's ink left of each of its columns
+        inside = (left_of[:h, x : x + w + 1] - left_of[:h, x : x + 1]) / max(float(c.sum()), 1e-9)
+        cuts = _choose(came_down, came_up, inked, inside, ys[order], xs[order] + x, through, x, w,
                        height / step, stroke / step)  # fmt: skip
         h, w = full.shape  # back to the piece's own pixels
         found.append([(np.repeat(lo - x, step)[:h] * step,
@@ -270,26 +266,26 @@ def _reduced(cost: np.ndarray, step: int) -> np.ndarray:
 
 def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, stroke) -> list[tuple]:
     """Cuts through the candidate pixels (ys, xs), cheapest first, of the piece at columns x0..x0 + w of the
-    strip (inside: the share of its ink left of each column, row by row): those far enough from the sides
-    and each other, leaving MIN_SIDE of its ink on either side and not crossing, at most one per
-    CUT_SPACING of its width."""
+    strip (inside: the share of its ink left of each of its columns, row by row): those far enough from
+    the sides and each other, leaving MIN_SIDE of its ink on either side and not crossing, at most one
+    per CUT_SPACING of its width."""
     part, room = MIN_PART * height, max(1, int(w / (CUT_SPACING * height)) - 1)
+    rows = np.arange(len(inside))  # the piece's (the strip's further rows are paper below shorter pieces)
     cuts: list[tuple] = []
-    seen: list[tuple[np.ndarray, np.ndarray]] = []  # cuts traced, taken or not: others near them are alike
+    seen: list[tuple[list, list]] = []  # cuts traced, taken or not: others near them are alike
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
         if len(cuts) >= room:
             break
         if any(lo[y] - part < x < hi[y] + part for lo, hi in seen):
             continue
-        lo, hi, crossings = _trace(came_down, came_up, ink, y, x)
-        seen.append((lo, hi))
+        lo, hi = _trace(came_down, came_up, y, x)
+        seen.append((lo.tolist(), hi.tolist()))
         centre = (lo + hi).mean() / 2 - x0
-        rows = len(inside)  # the piece's (the strip's further rows are paper below shorter pieces)
-        left = float(inside[np.arange(rows), np.clip(lo[:rows], x0, x0 + w)].sum())
+        left = float(inside[rows, np.clip(lo[: len(rows)] - x0, 0, w)].sum())
         near = any(abs(centre + x0 - (a + b).mean() / 2) < part for a, b, _, _ in cuts)
         apart = all((hi < a).all() or (b < lo).all() for a, b, _, _ in cuts)  # cuts do not cross
         if part <= centre <= w - part and MIN_SIDE <= left <= 1 - MIN_SIDE and not near and apart:
-            cuts.append((lo, hi, float(through[y, x]) / stroke, crossings))
+            cuts.append((lo, hi, float(through[y, x]) / stroke, _crossings(ink, lo, hi)))
     return sorted(cuts, key=lambda cut: cut[0].mean())
 
 
@@ -301,47 +297,51 @@ def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, h, w = cost.shape
     totals, came = np.empty((n, h, w)), np.empty((n, h, w), dtype=np.int64)
     above, index = np.zeros((n, w)), np.arange(w)
+    # sideways within a row from x' to x > x' costs rightwards[x] - rightwards[x'], to x < x' leftwards[x]
+    # - leftwards[x'] (the prefix sums of every row at once)
+    rightwards = np.cumsum(cost + STRAIGHT, axis=2)
+    leftwards = np.cumsum((cost + STRAIGHT)[:, :, ::-1], axis=2)[:, :, ::-1]
     for y in range(h):
         entered = above + cost[:, y]  # stepping down into each column
-        step = cost[:, y] + STRAIGHT
-        rightwards = np.cumsum(step, axis=1)  # from x' to x > x': rightwards[x] - rightwards[x']
-        leftwards = np.cumsum(step[:, ::-1], axis=1)[
-            :, ::-1
-        ]  # from x' to x < x': leftwards[x] - leftwards[x']
-        from_left = entered - rightwards
+        from_left = entered - rightwards[:, y]
         best_left = np.minimum.accumulate(from_left, axis=1)
         start_left = np.maximum.accumulate(np.where(from_left == best_left, index, 0), axis=1)
-        from_right = (entered - leftwards)[:, ::-1]
+        from_right = (entered - leftwards[:, y])[:, ::-1]
         best_right = np.minimum.accumulate(from_right, axis=1)
-        start_right = (w - 1 - np.maximum.accumulate(np.where(from_right == best_right, index, 0), axis=1))[
-            :, ::-1
-        ]
-        via_left, via_right = best_left + rightwards, best_right[:, ::-1] + leftwards
+        start_right = w - 1 - np.maximum.accumulate(np.where(from_right == best_right, index, 0), axis=1)
+        via_left, via_right = best_left + rightwards[:, y], best_right[:, ::-1] + leftwards[:, y]
         np.minimum(via_left, via_right, out=totals[:, y])
-        came[:, y] = np.where(via_left <= via_right, start_left, start_right)
+        came[:, y] = np.where(via_left <= via_right, start_left, start_right[:, ::-1])
         above = totals[:, y]
     return totals, came
 
 
 def _trace(
-    came_down: np.ndarray, came_up: np.ndarray, ink: np.ndarray, y: int, x: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """The cheapest cut through pixel (y, x): the first and last column it covers in each row, and the
-    strokes of ink (separate runs along it) that it crosses."""
-    h = ink.shape[0]
-    walks = [(0, 0)] * h  # (where it comes into the row, where it leaves it), top to bottom
-    walks[y] = (int(came_down[y, x]), int(came_up[y, x]))
+    came_down: list[list[int]], came_up: list[list[int]], y: int, x: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest cut through pixel (y, x): the first and last column it covers in each row. came_down,
+    came_up as lists (h rows of columns): a walk reads them one pixel at a time."""
+    h = len(came_down)
+    into, out_of = [0] * h, [0] * h  # where it comes into each row and where it leaves it
+    into[y], out_of[y] = came_down[y][x], came_up[y][x]
     for row in range(y - 1, -1, -1):  # up the way it came, then down the way it goes
-        walks[row] = (int(came_down[row, walks[row + 1][0]]), walks[row + 1][0])
+        out_of[row] = into[row + 1]
+        into[row] = came_down[row][out_of[row]]
     for row in range(y + 1, h):
-        walks[row] = (walks[row - 1][1], int(came_up[row, walks[row - 1][1]]))
-    lo = np.array([min(a, b) for a, b in walks])
-    hi = np.array([max(a, b) for a, b in walks])
+        into[row] = out_of[row - 1]
+        out_of[row] = came_up[row][into[row]]
+    lo, hi = np.minimum(into, out_of), np.maximum(into, out_of)
     lo[y], hi[y] = min(lo[y], x), max(hi[y], x)
+    return lo, hi
+
+
+def _crossings(ink: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> int:
+    """The strokes of ink (h, w) that a cut covering columns lo..hi (h,) of each row crosses: the separate
+    runs of ink along it."""
     lengths = hi - lo + 1
-    rows = np.repeat(np.arange(h), lengths)
+    rows = np.repeat(np.arange(len(lo)), lengths)
     along = ink[rows, lo[rows] + np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)]
-    return lo, hi, int(along[0]) + int((np.diff(along.astype(np.int8)) == 1).sum())
+    return int(along[0]) + int((np.diff(along.astype(np.int8)) == 1).sum())
 
 
 def _spans(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
@@ -368,45 +368,46 @@ def _line(boxes: np.ndarray, height: float) -> tuple[float, float, float]:
 
 
 def _features(
-    shape: tuple[float, float, float],
-    atoms: list[_Atom],
-    i: int,
-    j: int,
-    probabilities: np.ndarray,
-    usual: float,
-    line: tuple[float, float, float],
+    atoms: list[_Atom], spans: list[tuple], probabilities: np.ndarray, usual: float, line: tuple
 ) -> np.ndarray:
-    """What the score of candidate digit atoms[i:j] weighs (WEIGHTS says what each is), but for the digit it
-    reads as, which read_number adds: shape (width, height, gaps) in line heights, the network's
-    probabilities, the usual width of a piece, and the line's top, bottom and height (`_line`)."""
-    width, height, gaps = shape
+    """What the scores of the candidate digits weigh (N, len(WEIGHTS)), a row per span (WEIGHTS says what
+    each column is), from their shapes (width, height, gaps) in line heights, the network's probabilities
+    (N, classes), the usual width of a piece, and the line's top, bottom and height (`_line`)."""
     top, bottom, line_height = line
-    below_top = (min(a.y0 for a in atoms[i:j]) - top) / line_height  # how far it starts below the line's top
-    above_bottom = (bottom - max(a.y1 for a in atoms[i:j])) / line_height
-    second, first = np.partition(probabilities, -2)[-2:].astype(np.float64).clip(1e-12)
-    after = atoms[j] if j < len(atoms) else None  # the atom whose cut is this candidate's right edge
-    aspect = width / max(height, 1e-6)
-    typical = ASPECTS[int(probabilities.argmax())] if len(probabilities) == len(ASPECTS) else 0.75
-    return np.array([
-        1.0,
-        width / usual,
-        (width / usual) ** 2,
-        (aspect - typical) ** 2,
-        math.log(first),
-        min(math.log(first / second), 20.0),
+    first_atom = np.array([i for i, _, _ in spans])
+    after = np.array([j for _, j, _ in spans])  # the atom whose cut is each candidate's right edge
+    width, height, gaps = np.array([shape for _, _, shape in spans]).T
+    y0s, y1s = [a.y0 for a in atoms], [a.y1 for a in atoms]
+    below_top = (np.array([min(y0s[i:j]) for i, j, _ in spans]) - top) / line_height
+    above_bottom = (bottom - np.array([max(y1s[i:j]) for i, j, _ in spans])) / line_height
+    cut = np.array([a.cut for a in atoms] + [0.0])  # (and none right of the last atom)
+    beyond_one = np.maximum(np.array([a.crossings for a in atoms] + [0]) - 1, 0)
+    joined = np.concatenate([[0], np.cumsum(cut > 0)])  # joined[k]: atoms before k with a cut on the left
+    second, first = np.partition(probabilities, -2, axis=1)[:, -2:].T.clip(1e-12)
+    read_as = probabilities.argmax(1)
+    typical = np.asarray(ASPECTS)[read_as] if probabilities.shape[1] == len(ASPECTS) else 0.75
+    relative = width / usual
+    return np.column_stack([
+        np.ones(len(spans)),
+        relative,
+        relative**2,
+        (width / np.maximum(height, 1e-6) - typical) ** 2,
+        np.log(first),
+        np.minimum(np.log(first / second), 20.0),
         width,
         width * width,
         height,
-        max(0.0, 0.6 - height),
+        np.maximum(0.0, 0.6 - height),
         gaps,
-        atoms[i].cut,
-        max(0, atoms[i].crossings - 1),
-        after.cut if after else 0.0,
-        max(0, after.crossings - 1) if after else 0,
-        j - i - 1,
-        sum(atom.cut > 0 for atom in atoms[i + 1 : j]),
-        max(0.0, below_top),
-        max(0.0, above_bottom),
+        cut[first_atom],
+        beyond_one[first_atom],
+        cut[after],
+        beyond_one[after],
+        after - first_atom - 1,
+        joined[after] - joined[first_atom + 1],
+        np.maximum(0.0, below_top),
+        np.maximum(0.0, above_bottom),
+        read_as[:, None] == np.arange(len(ASPECTS)),  # the digit it reads as
     ])  # fmt: skip
 
 
@@ -434,24 +435,26 @@ def _best_split(atoms: list[_Atom], spans: list[tuple], scores: np.ndarray, heig
     return chosen[::-1]
 
 
-def _ink_of(atoms: list[_Atom], ink: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The ink (h, w) in 0..1 of a candidate digit: its atoms' pixels, and the faint edges around them
-    (anti-aliasing, blur) that belong to no piece."""
-    x0, y0 = min(a.x0 for a in atoms), min(a.y0 for a in atoms)
-    x1, y1 = max(a.x1 for a in atoms), max(a.y1 for a in atoms)
-    pad = 2
-    X0, Y0 = max(x0 - pad, 0), max(y0 - pad, 0)
-    X1, Y1 = min(x1 + pad, ink.shape[1]), min(y1 + pad, ink.shape[0])
-    own = np.zeros((Y1 - Y0, X1 - X0), dtype=bool)
-    for a in atoms:
-        own[a.y0 - Y0 : a.y1 - Y0, a.x0 - X0 : a.x1 - X0] |= a.mask
-    near = own.copy()
-    for _ in range(pad):  # grown by a pixel at a time (8-neighbours)
-        grown = near.copy()
-        grown[1:] |= near[:-1]
-        grown[:-1] |= near[1:]
-        grown[:, 1:] |= grown[:, :-1].copy()
-        grown[:, :-1] |= grown[:, 1:].copy()
-        near = grown
-    edges = near & (labels[Y0:Y1, X0:X1] == 0)
-    return np.where(own | edges, ink[Y0:Y1, X0:X1], 0).astype(np.float32)
+def _reach(atom: _Atom, labels: np.ndarray, pad: int = 2) -> tuple[int, int, np.ndarray]:
+    """Where an atom's ink lies: its own pixels and the faint edges around them (anti-aliasing, blur) that
+    belong to no piece, those up to `pad` pixels from them (8-neighbours), as (y0, x0, mask (h, w))."""
+    y0, x0 = max(atom.y0 - pad, 0), max(atom.x0 - pad, 0)
+    y1, x1 = min(atom.y1 + pad, labels.shape[0]), min(atom.x1 + pad, labels.shape[1])
+    h, w = y1 - y0, x1 - x0
+    own = np.zeros((h + 2 * pad, w + 2 * pad), dtype=bool)  # a margin of pad all round for the shifts
+    own[atom.y0 - y0 + pad : atom.y1 - y0 + pad, atom.x0 - x0 + pad : atom.x1 - x0 + pad] = atom.mask
+    taps = range(2 * pad + 1)
+    rows = np.logical_or.reduce([own[i : i + h] for i in taps])  # (h, w + 2 pad)
+    near = np.logical_or.reduce([rows[:, j : j + w] for j in taps])
+    return y0, x0, own[pad:-pad, pad:-pad] | (near & (labels[y0:y1, x0:x1] == 0))
+
+
+def _ink_of(reaches: list[tuple[int, int, np.ndarray]], ink: np.ndarray) -> np.ndarray:
+    """The ink (h, w) in 0..1 of a candidate digit: where its atoms' ink lies (`_reach`)."""
+    y0, x0 = min(y for y, _, _ in reaches), min(x for _, x, _ in reaches)
+    y1 = max(y + mask.shape[0] for y, _, mask in reaches)
+    x1 = max(x + mask.shape[1] for _, x, mask in reaches)
+    keep = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    for y, x, mask in reaches:
+        keep[y - y0 : y - y0 + mask.shape[0], x - x0 : x - x0 + mask.shape[1]] |= mask
+    return np.where(keep, ink[y0:y1, x0:x1], 0).astype(np.float32)
