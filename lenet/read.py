@@ -268,10 +268,11 @@ def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, str
     """Cuts through the candidate pixels (ys, xs), cheapest first, of the piece at columns x0..x0 + w of the
     strip (inside: the share of its ink left of each of its columns, row by row): those far enough from
     the sides and each other, leaving MIN_SIDE of its ink on either side and not crossing, at most one
-    per CUT_SPACING of its width."""
+    per CUT_SPACING of its width. A few dozen candidates a piece, each a short walk: in plain Python."""
     part, room = MIN_PART * height, max(1, int(w / (CUT_SPACING * height)) - 1)
-    rows = np.arange(len(inside))  # the piece's (the strip's further rows are paper below shorter pieces)
+    shares = inside.tolist()  # the piece's rows (the strip's further rows are paper below shorter pieces)
     cuts: list[tuple] = []
+    taken: list[tuple[list, list, float]] = []  # the cuts' columns and centres
     seen: list[tuple[list, list]] = []  # cuts traced, taken or not: others near them are alike
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
         if len(cuts) >= room:
@@ -279,14 +280,23 @@ def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, str
         if any(lo[y] - part < x < hi[y] + part for lo, hi in seen):
             continue
         lo, hi = _trace(came_down, came_up, y, x)
-        seen.append((lo.tolist(), hi.tolist()))
-        centre = (lo + hi).mean() / 2 - x0
-        left = float(inside[rows, np.clip(lo[: len(rows)] - x0, 0, w)].sum())
-        near = any(abs(centre + x0 - (a + b).mean() / 2) < part for a, b, _, _ in cuts)
-        apart = all((hi < a).all() or (b < lo).all() for a, b, _, _ in cuts)  # cuts do not cross
-        if part <= centre <= w - part and MIN_SIDE <= left <= 1 - MIN_SIDE and not near and apart:
-            cuts.append((lo, hi, float(through[y, x]) / stroke, _crossings(ink, lo, hi)))
+        seen.append((lo, hi))
+        centre = (sum(lo) + sum(hi)) / (2 * len(lo)) - x0
+        if not part <= centre <= w - part or any(abs(centre - c) < part for _, _, c in taken):
+            continue
+        left = sum(row[min(max(a - x0, 0), w)] for row, a in zip(shares, lo, strict=False))  # piece's rows
+        crossing = any(_cross(lo, hi, *cut[:2]) for cut in taken)
+        if MIN_SIDE <= left <= 1 - MIN_SIDE and not crossing:
+            taken.append((lo, hi, centre))
+            lo_, hi_ = np.array(lo), np.array(hi)
+            cuts.append((lo_, hi_, float(through[y, x]) / stroke, _crossings(ink, lo_, hi_)))
     return sorted(cuts, key=lambda cut: cut[0].mean())
+
+
+def _cross(lo: list[int], hi: list[int], other_lo: list[int], other_hi: list[int]) -> bool:
+    """Whether two cuts (the columns they cover in each row) cross: neither lies wholly left of the other."""
+    left_of = all(h < a for h, a in zip(hi, other_lo, strict=True))
+    return not left_of and not all(b < a for b, a in zip(other_hi, lo, strict=True))
 
 
 def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -318,7 +328,7 @@ def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _trace(
     came_down: list[list[int]], came_up: list[list[int]], y: int, x: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[list[int], list[int]]:
     """The cheapest cut through pixel (y, x): the first and last column it covers in each row. came_down,
     came_up as lists (h rows of columns): a walk reads them one pixel at a time."""
     h = len(came_down)
@@ -330,7 +340,8 @@ def _trace(
     for row in range(y + 1, h):
         into[row] = out_of[row - 1]
         out_of[row] = came_up[row][into[row]]
-    lo, hi = np.minimum(into, out_of), np.maximum(into, out_of)
+    lo = [min(pair) for pair in zip(into, out_of, strict=True)]
+    hi = [max(pair) for pair in zip(into, out_of, strict=True)]
     lo[y], hi[y] = min(lo[y], x), max(hi[y], x)
     return lo, hi
 
