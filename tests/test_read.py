@@ -62,24 +62,25 @@ def big(digit: np.ndarray, scale: int = 2) -> np.ndarray:
     return np.clip(np.asarray(Image.fromarray(ink, "F").resize(size, Image.BILINEAR)), 0, 1)
 
 
-def edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        previous, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
-    return row[-1]
-
-
-def matched(got: str, text: str) -> set[int]:
-    """The positions of text read right in got: those an optimal alignment (fewest edits) pairs with an
-    equal character."""
+def edits(got: str, text: str) -> list[list[int]]:
+    """cost[i][j]: the fewest edits (insertions, deletions, substitutions) from text[:i] to got[:j]."""
     cost = [[i + j if i * j == 0 else 0 for j in range(len(got) + 1)] for i in range(len(text) + 1)]
     for i in range(1, len(text) + 1):
         for j in range(1, len(got) + 1):
             cost[i][j] = min(
                 cost[i - 1][j] + 1, cost[i][j - 1] + 1, cost[i - 1][j - 1] + (text[i - 1] != got[j - 1])
             )
+    return cost
+
+
+def edit_distance(got: str, text: str) -> int:
+    return edits(got, text)[-1][-1]
+
+
+def matched(got: str, text: str) -> set[int]:
+    """The positions of text read right in got: those an optimal alignment (fewest edits) pairs with an
+    equal character."""
+    cost = edits(got, text)
     i, j, right = len(text), len(got), set()
     while i > 0 and j > 0:
         if cost[i][j] == cost[i - 1][j - 1] + (text[i - 1] != got[j - 1]):
