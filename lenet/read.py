@@ -226,7 +226,7 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
     if not costs:
         return []
     step = max(1, round(height / CUT_ROWS))
-    small = [_reduced(cost, step) for cost in costs] if step > 1 else costs
+    small = [_reduced(cost, step) for cost in costs]
     starts = np.cumsum([1] + [c.shape[1] + 1 for c in small])  # pieces' first columns (a wall before each)
     strip = np.zeros((max(c.shape[0] for c in small), int(starts[-1])))
     strip[:, starts - 1] = WALL
@@ -237,10 +237,10 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
     came_down, came_up = came[0].tolist(), came[1, ::-1].tolist()  # walked a pixel at a time by _trace
     through = down + up - strip  # the cheapest cut through each pixel
     padded = np.pad(through, ((0, 0), (1, 1)), constant_values=np.inf)
-    candidate = (strip > 0.5) & (strip < WALL) & (through <= padded[:, :-2]) & (through <= padded[:, 2:])
+    inked = strip > 0.5
+    candidate = inked & (strip < WALL) & (through <= padded[:, :-2]) & (through <= padded[:, 2:])
     candidate &= through <= MAX_CUT * stroke / step
     left_of = np.pad(np.cumsum(strip, axis=1), ((0, 0), (1, 0)))  # (h, W + 1): cost left of each column
-    inked = strip > 0.5
     found = []
     for c, x, full in zip(small, starts[:-1], costs, strict=True):
         h, w = c.shape
@@ -259,6 +259,8 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
 
 def _reduced(cost: np.ndarray, step: int) -> np.ndarray:
     """The means of step x step blocks of cost (h, w), the last ones padded with zeros."""
+    if step == 1:
+        return cost
     h, w = cost.shape
     padded = np.pad(cost, ((0, -h % step), (0, -w % step)))
     return padded.reshape(-(-h // step), step, -(-w // step), step).mean((1, 3))
@@ -271,26 +273,24 @@ def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, str
     per CUT_SPACING of its width. A few dozen candidates a piece, each a short walk: in plain Python."""
     part, room = MIN_PART * height, max(1, int(w / (CUT_SPACING * height)) - 1)
     shares = inside.tolist()  # the piece's rows (the strip's further rows are paper below shorter pieces)
-    cuts: list[tuple] = []
-    taken: list[tuple[list, list, float]] = []  # the cuts' columns and centres
+    taken: list[tuple[list, list, float, float]] = []  # columns, centre, ink crossed (stroke widths)
     seen: list[tuple[list, list]] = []  # cuts traced, taken or not: others near them are alike
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
-        if len(cuts) >= room:
+        if len(taken) >= room:
             break
         if any(lo[y] - part < x < hi[y] + part for lo, hi in seen):
             continue
         lo, hi = _trace(came_down, came_up, y, x)
         seen.append((lo, hi))
         centre = (sum(lo) + sum(hi)) / (2 * len(lo)) - x0
-        if not part <= centre <= w - part or any(abs(centre - c) < part for _, _, c in taken):
+        if not part <= centre <= w - part or any(abs(centre - c) < part for _, _, c, _ in taken):
             continue
         left = sum(row[min(max(a - x0, 0), w)] for row, a in zip(shares, lo, strict=False))  # piece's rows
-        crossing = any(_cross(lo, hi, *cut[:2]) for cut in taken)
-        if MIN_SIDE <= left <= 1 - MIN_SIDE and not crossing:
-            taken.append((lo, hi, centre))
-            lo_, hi_ = np.array(lo), np.array(hi)
-            cuts.append((lo_, hi_, float(through[y, x]) / stroke, _crossings(ink, lo_, hi_)))
-    return sorted(cuts, key=lambda cut: cut[0].mean())
+        if MIN_SIDE <= left <= 1 - MIN_SIDE and not any(_cross(lo, hi, a, b) for a, b, _, _ in taken):
+            taken.append((lo, hi, centre, float(through[y, x]) / stroke))
+    taken.sort(key=lambda cut: cut[2])  # left to right: cuts that do not cross are ordered by their centres
+    cuts = [(np.array(lo), np.array(hi), strokes) for lo, hi, _, strokes in taken]
+    return [(lo, hi, strokes, _crossings(ink, lo, hi)) for lo, hi, strokes in cuts]
 
 
 def _cross(lo: list[int], hi: list[int], other_lo: list[int], other_hi: list[int]) -> bool:
@@ -309,8 +309,8 @@ def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     above, index = np.zeros((n, w)), np.arange(w)
     # sideways within a row from x' to x > x' costs rightwards[x] - rightwards[x'], to x < x' leftwards[x]
     # - leftwards[x'] (the prefix sums of every row at once)
-    rightwards = np.cumsum(cost + STRAIGHT, axis=2)
-    leftwards = np.cumsum((cost + STRAIGHT)[:, :, ::-1], axis=2)[:, :, ::-1]
+    step = cost + STRAIGHT
+    rightwards, leftwards = np.cumsum(step, axis=2), np.cumsum(step[:, :, ::-1], axis=2)[:, :, ::-1]
     for y in range(h):
         entered = above + cost[:, y]  # stepping down into each column
         from_left = entered - rightwards[:, y]
