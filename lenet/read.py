@@ -15,24 +15,27 @@ pieces make, and the reading is the left-to-right split into digits that scores 
 5. the split chosen by dynamic programming: the one whose digits' scores add up to the most. A candidate
    digit's score is WEIGHTS . its features: the network's confidence, its shape for the line (a digit is
    about as tall as the line, reaches its top and bottom, and is not much wider than the others), the
-   cuts on its sides, and which digit the network reads (a stroke cut off a digit readily passes for a
-   1 or a 0).
+   cuts on its sides, which digit the network reads (a stroke cut off a digit readily passes for a 1 or
+   a 0), and the reader's own checker: a small network that tells whole digits from fragments and merges
+   (`_whole_digit`), which the network, trained on whole digits only, cannot.
 
-Lengths are in line heights (the median height of the tallest pieces). WEIGHTS were fitted as an
-averaged structured perceptron (Collins 2002: the split the scores choose, corrected towards the best
+Lengths are in line heights (the median height of the tallest pieces). scripts/fit_reader.py trains
+the checker on the candidates of numbers built from MNIST training digits 0-54,999 and fits WEIGHTS as
+an averaged structured perceptron (Collins 2002: the split the scores choose, corrected towards the best
 split that reads the right number), the way LeCun et al. trained their segmentation graphs
-discriminatively, and the thresholds chosen, on numbers built from the last 5,000 MNIST training digits
-(tests/handwritten_numbers.py; the training run's validation split, which no checkpoint trains on),
-never the test set: the weights fitted on numbers of the first half of them, the features and the cuts'
-settings chosen on numbers of the second (docs/reading.md).
+discriminatively, on numbers built from digits 55,000-57,499; the features and thresholds were chosen on
+numbers of digits 57,500-59,999 (tests/handwritten_numbers.py; digits 55,000-59,999 are the training
+run's validation split, which no checkpoint trains on), never the test set (docs/reading.md).
 Torch-free: `classify` is any function from uint8 images (N, 28, 28) to probabilities (N, classes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -57,29 +60,33 @@ STRAIGHT = 0.02  # ink a cut pays per column it moves sideways
 CUT_ROWS = 64  # cuts are searched for at about this many rows per line height
 WALL = 1e6  # the cost of the columns between pieces laid side by side for the search
 SKIPPABLE = 0.5  # atoms shorter than this may be left out of the reading, scoring SKIP
-SKIP = 0.844
+SKIP = -2.051
 WEIGHTS = np.array([
-    -1.664,  # 1 (a constant)
-    0.520,  # width / the usual piece width
-    -0.904,  # the same, squared
-    -3.410,  # (width / height - the predicted digit's usual) squared
+    -1.192,  # 1 (a constant)
+    0.122,  # width / the usual piece width
+    0.326,  # the same, squared
+    -0.770,  # (width / height - the predicted digit's usual) squared
     1.000,  # log p (the network's top probability)
-    0.855,  # log p / p2 (over the second)
-    0.581,  # width
-    -1.618,  # width squared
-    3.681,  # height
-    -1.995,  # 0.6 - height where shorter
-    -0.351,  # gaps between its atoms
-    -0.969,  # ink crossed by the cut on its left (stroke widths)
-    -0.556,  # strokes beyond one that cut crosses
-    -1.831,  # ink crossed by the cut on its right
-    1.242,  # strokes beyond one that cut crosses
-    0.819,  # atoms beyond one
-    1.898,  # cuts inside it, joined again
-    -1.161,  # where it starts below the line's top (line heights)
-    -4.602,  # where it ends above the line's bottom
-    -1.691, -3.002, -0.369, 0.125, 0.536, 1.274, -1.205, -0.237, 0.229, 2.678,  # the predicted digit, 0 to 9
+    1.173,  # log p / p2 (over the second)
+    0.504,  # width
+    0.135,  # width squared
+    0.982,  # height
+    -0.464,  # 0.6 - height where shorter
+    -0.072,  # gaps between its atoms
+    2.676,  # ink crossed by the cut on its left (stroke widths)
+    -0.312,  # strokes beyond one that cut crosses
+    3.023,  # ink crossed by the cut on its right
+    0.842,  # strokes beyond one that cut crosses
+    3.243,  # atoms beyond one
+    -0.041,  # cuts inside it, joined again
+    -0.277,  # where it starts below the line's top (line heights)
+    -2.112,  # where it ends above the line's bottom
+    2.761,  # the checker's logit that it is one whole digit (_whole_digit)
+    -1.463, -2.712, -0.868, 0.678, 0.739, 0.382, -1.263, 0.246, -0.030, 3.099,  # the predicted digit, 0 to 9
 ])  # fmt: skip
+CHECKER = Path(__file__).with_name("whole_digit.npz")  # _whole_digit's weights (scripts/fit_reader.py)
+CHECKER_SEES = [1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # the feature columns it weighs
+CHECKER_COLUMN = 19
 
 
 class NoNumberError(LenetError):
@@ -128,6 +135,36 @@ def read_number(
     """
     label = name if name is not None else source_name(source)
     found = find_ink(source, invert, label, one_digit=False)
+    lattice = candidates(found, classify, len(classes), label)
+    chosen = _best_split(lattice, lattice.features @ WEIGHTS)
+    if not chosen:
+        raise NoNumberError(f"{label}: no digits found (only specks and stray marks)")
+    digits = [_digit(lattice, k, classes, found) for k in chosen]
+    return {"number": "".join(d["digit"] for d in digits), "digits": digits, "width": found.size[0],
+            "height": found.size[1]}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Lattice:
+    """The candidate digits of one line: its atoms left to right, the runs of them that may be digits
+    (`spans`: (i, j, (width, height, gaps))), each prepared (`fields` uint8 (N, 28, 28)) and classified
+    (`probabilities` (N, classes)), their `features` (N, len(WEIGHTS)), and the line's height in pixels."""
+
+    atoms: list[_Atom]
+    spans: list[tuple[int, int, tuple[float, float, float]]]
+    fields: np.ndarray
+    probabilities: np.ndarray
+    features: np.ndarray
+    height: float
+
+    @property
+    def skippable(self) -> list[bool]:
+        """Which atoms may be left out of the reading: those shorter than SKIPPABLE line heights."""
+        return [atom.y1 - atom.y0 < SKIPPABLE * self.height for atom in self.atoms]
+
+
+def candidates(found: Ink, classify: Callable[[np.ndarray], np.ndarray], classes: int, label: str) -> Lattice:
+    """Steps 1-4 of the reading (the module's docstring) for the ink `find_ink` found."""
     ink = found.soft()  # (H, W) in 0..1
     labels, _, boxes = components(ink > 0.5)
     pieces, height = _marks(boxes, label)
@@ -136,26 +173,17 @@ def read_number(
     reaches = [_reach(atom, labels) for atom in atoms]
     fields = np.stack([fit_ink(_ink_of(reaches[i:j], ink)) for i, j, _ in spans])  # (N, 28, 28)
     probabilities = np.asarray(classify(fields), dtype=np.float64)
-    if probabilities.shape != (len(spans), len(classes)):
-        raise ValueError(
-            f"classify gave {probabilities.shape} for {len(spans)} images, {len(classes)} classes"
-        )
+    if probabilities.shape != (len(spans), classes):
+        raise ValueError(f"classify gave {probabilities.shape} for {len(spans)} images, {classes} classes")
     usual = float(np.median(boxes[pieces, 2] - boxes[pieces, 0])) / height  # a piece's width
-    features = _features(atoms, spans, probabilities, usual, _line(boxes[pieces], height))
-    chosen = _best_split(atoms, spans, features @ WEIGHTS, height)
-    if not chosen:
-        raise NoNumberError(f"{label}: no digits found (only specks and stray marks)")
-    digits = [
-        _digit(atoms[spans[k][0] : spans[k][1]], fields[k], probabilities[k], classes, found) for k in chosen
-    ]
-    return {"number": "".join(d["digit"] for d in digits), "digits": digits, "width": found.size[0],
-            "height": found.size[1]}  # fmt: skip
+    features = _features(atoms, spans, fields, probabilities, usual, _line(boxes[pieces], height))
+    return Lattice(atoms, spans, fields, probabilities, features, height)
 
 
-def _digit(
-    atoms: list[_Atom], field: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], found: Ink
-) -> dict:
-    """One digit of the reading, its box in the source's pixels."""
+def _digit(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> dict:
+    """Candidate k as a digit of the reading, its box in the source's pixels."""
+    i, j, _ = lattice.spans[k]
+    atoms, probabilities = lattice.atoms[i:j], lattice.probabilities[k]
     best = int(probabilities.argmax())
     sx, sy = found.scale()
     x0, y0 = min(a.x0 for a in atoms), min(a.y0 for a in atoms)
@@ -163,7 +191,7 @@ def _digit(
     box = [math.floor(x0 * sx), math.floor(y0 * sy), min(math.ceil(x1 * sx), found.size[0]),
            min(math.ceil(y1 * sy), found.size[1])]  # fmt: skip
     return {"digit": classes[best], "index": best, "probability": float(probabilities[best]),
-            "probabilities": probabilities.tolist(), "box": box, "input": field}  # fmt: skip
+            "probabilities": probabilities.tolist(), "box": box, "input": lattice.fields[k]}  # fmt: skip
 
 
 def _marks(boxes: np.ndarray, label: str) -> tuple[list[int], float]:
@@ -379,11 +407,17 @@ def _line(boxes: np.ndarray, height: float) -> tuple[float, float, float]:
 
 
 def _features(
-    atoms: list[_Atom], spans: list[tuple], probabilities: np.ndarray, usual: float, line: tuple
+    atoms: list[_Atom],
+    spans: list[tuple],
+    fields: np.ndarray,
+    probabilities: np.ndarray,
+    usual: float,
+    line: tuple,
 ) -> np.ndarray:
     """What the scores of the candidate digits weigh (N, len(WEIGHTS)), a row per span (WEIGHTS says what
-    each column is), from their shapes (width, height, gaps) in line heights, the network's probabilities
-    (N, classes), the usual width of a piece, and the line's top, bottom and height (`_line`)."""
+    each column is), from their shapes (width, height, gaps) in line heights, their fields (N, 28, 28),
+    the network's probabilities (N, classes), the usual width of a piece, and the line's top, bottom and
+    height (`_line`)."""
     top, bottom, line_height = line
     first_atom = np.array([i for i, _, _ in spans])
     after = np.array([j for _, j, _ in spans])  # the atom whose cut is each candidate's right edge
@@ -398,7 +432,7 @@ def _features(
     read_as = probabilities.argmax(1)
     typical = np.asarray(ASPECTS)[read_as] if probabilities.shape[1] == len(ASPECTS) else 0.75
     relative = width / usual
-    return np.column_stack([
+    shape = np.column_stack([
         np.ones(len(spans)),
         relative,
         relative**2,
@@ -418,13 +452,52 @@ def _features(
         joined[after] - joined[first_atom + 1],
         np.maximum(0.0, below_top),
         np.maximum(0.0, above_bottom),
-        read_as[:, None] == np.arange(len(ASPECTS)),  # the digit it reads as
     ])  # fmt: skip
+    whole = _whole_digit(fields, shape[:, CHECKER_SEES])
+    return np.column_stack([shape, whole, read_as[:, None] == np.arange(len(ASPECTS))])  # the digit read
 
 
-def _best_split(atoms: list[_Atom], spans: list[tuple], scores: np.ndarray, height: float) -> list[int]:
-    """The indices into spans of the digits of the best-scoring split of the atoms, left to right (short
-    atoms may be left out, each scoring SKIP)."""
+@functools.cache
+def _checker() -> dict[str, np.ndarray]:
+    with np.load(CHECKER, allow_pickle=False) as saved:
+        return {name: saved[name].astype(np.float32) for name in saved.files}
+
+
+def _whole_digit(fields: np.ndarray, shape: np.ndarray, weights: dict | None = None) -> np.ndarray:
+    """How surely each candidate is one whole digit rather than a fragment of one or two merged (N,): the
+    logit of the reader's own small network (weights from CHECKER unless given), which sees the fields
+    uint8 (N, 28, 28) at half size and the candidates' shapes (N, len(CHECKER_SEES)), and answers a digit
+    or "not one digit" (scripts/fit_reader.py trains it on the candidates of numbers built from MNIST
+    training digits: LeCun et al. trained their cheque reader's recognizer on wrong segments too)."""
+    w = _checker() if weights is None else weights
+    n, f = len(fields), fields[..., None].astype(np.float32)
+    x = (f[:, 0::2, 0::2] + f[:, 0::2, 1::2] + f[:, 1::2, 0::2] + f[:, 1::2, 1::2]) / 1020  # (N, 14, 14, 1)
+    x = _conv_relu_pool(x, w["conv1.weight"], w["conv1.bias"])  # (N, 6, 6, 8), channels last
+    x = _conv_relu_pool(x, w["conv2.weight"], w["conv2.bias"])  # (N, 2, 2, 16)
+    x = np.concatenate([x.transpose(0, 3, 1, 2).reshape(n, -1), (shape - w["mean"]) / w["std"]], axis=1)
+    x = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    answers = x @ w["fc2.weight"].T + w["fc2.bias"]  # (N, 11): the digits 0-9, then not one digit
+    # log P(a digit) - log P(not one), bounded so that no one answer outweighs every other feature
+    return np.clip(np.logaddexp.reduce(answers[:, :10], axis=1) - answers[:, 10], -15.0, 15.0)
+
+
+def _conv_relu_pool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A convolution (no padding), ReLU and 2x2 max pooling, the convolution one matrix product over the
+    windows: x (N, H, W, C), weight (O, C, k, k) -> (N, (H - k + 1) / 2, (W - k + 1) / 2, O)."""
+    out, channels, k, _ = weight.shape
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (N, H', W', C, k, k)
+    n, h, w = windows.shape[:3]
+    y = (windows.reshape(n * h * w, channels * k * k) @ weight.reshape(out, -1).T).reshape(n, h, w, out)
+    pooled = np.maximum(
+        np.maximum(y[:, 0::2, 0::2], y[:, 0::2, 1::2]), np.maximum(y[:, 1::2, 0::2], y[:, 1::2, 1::2])
+    )
+    return np.maximum(pooled + bias, 0)  # (the bias and ReLU commute with the max: on a quarter of it)
+
+
+def _best_split(lattice: Lattice, scores: np.ndarray, skip: float = SKIP) -> list[int]:
+    """The indices into the lattice's spans of the digits of the best-scoring split of its atoms, left to
+    right, each candidate scoring scores[k] (short atoms may be left out, each scoring skip)."""
+    atoms, spans, skippable = lattice.atoms, lattice.spans, lattice.skippable
     ending: list[list[int]] = [[] for _ in range(len(atoms) + 1)]
     for k, (_, j, _) in enumerate(spans):
         ending[j].append(k)
@@ -432,8 +505,8 @@ def _best_split(atoms: list[_Atom], spans: list[tuple], scores: np.ndarray, heig
     best[0] = 0.0
     back: list[tuple[int, int | None]] = [(0, None)] * (len(atoms) + 1)  # (previous end, span or skip)
     for j in range(1, len(atoms) + 1):
-        if atoms[j - 1].y1 - atoms[j - 1].y0 < SKIPPABLE * height and best[j - 1] + SKIP > best[j]:
-            best[j], back[j] = best[j - 1] + SKIP, (j - 1, None)
+        if skippable[j - 1] and best[j - 1] + skip > best[j]:
+            best[j], back[j] = best[j - 1] + skip, (j - 1, None)
         for k in ending[j]:
             i = spans[k][0]
             if best[i] + scores[k] > best[j]:

@@ -136,3 +136,71 @@ def number_images(
             owner = np.asarray(Image.fromarray(owner).resize(size, Image.NEAREST))
         out.append(Number(image, text, touch, photo, owner if owners else None))
     return out
+
+
+def edits(got: str, text: str) -> list[list[int]]:
+    """cost[i][j]: the fewest edits (insertions, deletions, substitutions) from text[:i] to got[:j]."""
+    cost = [[i + j if i * j == 0 else 0 for j in range(len(got) + 1)] for i in range(len(text) + 1)]
+    for i in range(1, len(text) + 1):
+        for j in range(1, len(got) + 1):
+            cost[i][j] = min(
+                cost[i - 1][j] + 1, cost[i][j - 1] + 1, cost[i - 1][j - 1] + (text[i - 1] != got[j - 1])
+            )
+    return cost
+
+
+def matched(got: str, text: str) -> set[int]:
+    """The positions of text read right in got: those an optimal alignment (fewest edits) pairs with an
+    equal character."""
+    cost = edits(got, text)
+    i, j, right = len(text), len(got), set()
+    while i > 0 and j > 0:
+        if cost[i][j] == cost[i - 1][j - 1] + (text[i - 1] != got[j - 1]):
+            if text[i - 1] == got[j - 1]:
+                right.add(i - 1)
+            i, j = i - 1, j - 1
+        elif cost[i][j] == cost[i - 1][j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    return right
+
+
+def rates(numbers: list[Number], readings: list[str]) -> dict[str, tuple[int, int]]:
+    """What docs/reading.md reports, as (right, of) counts: "digits" in the numbers whose digits do not
+    touch (those left once the edits that make the reading right are done), "pairs" of touching neighbours
+    read right in a reading of the right length, "aligned" pairs whose two digits an alignment of the
+    reading with the number finds right (a slip elsewhere in the number not counted), "exact" numbers."""
+    counts = dict.fromkeys(("digits", "pairs", "aligned", "exact"), (0, 0))
+
+    def add(key: str, right: int, of: int) -> None:
+        counts[key] = (counts[key][0] + right, counts[key][1] + of)
+
+    for number, got in zip(numbers, readings, strict=True):
+        text = number.text
+        add("exact", got == text, 1)
+        if not number.touching:
+            add("digits", max(0, len(text) - edits(got, text)[-1][-1]), len(text))
+        right = matched(got, text)
+        for i in number.touching:
+            add("pairs", len(got) == len(text) and got[i : i + 2] == text[i : i + 2], 1)
+            add("aligned", {i, i + 1} <= right, 1)
+    return counts
+
+
+def candidate_owners(lattice, number: Number, shape: tuple[int, int]) -> np.ndarray:
+    """Which digit of `number` (made with owners=True) each candidate digit of its `read.Lattice` holds
+    (N,): the index of the digit whose ink is at least 90% of the candidate's and of which it holds at
+    least 85%, or -1 (a fragment, two digits merged, a stray mark). shape: the ink's (`find_ink`)."""
+    owner = np.asarray(Image.fromarray(number.owner).resize(shape[::-1], Image.NEAREST))
+    ink = np.zeros((len(lattice.atoms), len(number.text) + 1))  # each atom's pixels by owner (0: paper)
+    for k, atom in enumerate(lattice.atoms):
+        pixels = owner[atom.y0 : atom.y1, atom.x0 : atom.x1][atom.mask]
+        ink[k] = np.bincount(pixels, minlength=ink.shape[1])[: ink.shape[1]]
+    whole = ink.sum(0)
+    owners = []
+    for i, j, _ in lattice.spans:
+        held = ink[i:j].sum(0)
+        d = int(held[1:].argmax()) + 1
+        owners.append(d - 1 if held[d] >= 0.9 * held.sum() and held[d] >= 0.85 * whole[d] else -1)
+    return np.array(owners)
