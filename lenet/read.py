@@ -86,7 +86,7 @@ WEIGHTS = np.array([
 ])  # fmt: skip
 CHECKER = Path(__file__).with_name("whole_digit.npz")  # _whole_digit's weights (scripts/fit_reader.py)
 CHECKER_SEES = [1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # the feature columns it weighs
-CHECKER_COLUMN = 19
+CHECKER_COLUMN = 19  # its logit's column in the features: after the 19 above it in WEIGHTS
 
 
 class NoNumberError(LenetError):

@@ -37,6 +37,7 @@ from handwritten_numbers import Number, candidate_owners, number_images, rates  
 
 from lenet import read  # noqa: E402
 from lenet.data import cache_dir, fetch, read_idx  # noqa: E402
+from lenet.imagefiles import load_classifier  # noqa: E402
 from lenet.preprocess import find_ink  # noqa: E402
 
 SPLITS = {"train": (0, 55_000), "fit": (55_000, 57_500), "val": (57_500, 60_000)}
@@ -78,19 +79,11 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, read_idx(folder / "train-labels-idx1-ubyte")[start:stop]
 
 
-def _classify(checkpoint: str):
-    from lenet.predict import classifier, load
-
-    torch.set_num_threads(1)
-    model, meta = load(checkpoint)
-    return classifier(model, meta["normalization"]["mean"], meta["normalization"]["std"])
-
-
 def _lattices(job: tuple) -> list[tuple[Number, read.Lattice, np.ndarray]]:
     """The numbers of one set, each with its lattice and its candidates' owners (the digit whose ink each
     holds, -1 for not one digit)."""
     checkpoint, (split, seed, count, touching, lengths) = job
-    classify = _classify(checkpoint)
+    classify, _ = load_classifier(checkpoint, "torch")  # (one torch thread: two of these run at once)
     images, labels = _digits(split)
     out = []
     for number in number_images(images, labels, count, seed, lengths, touching, owners=True):
@@ -162,13 +155,15 @@ def right_split(lattice: read.Lattice, scores: np.ndarray, skip: float, text: st
     best[0, 0] = 0.0
     back: dict[tuple[int, int], tuple[int, int, int | None]] = {}
     reads = lattice.probabilities.argmax(1)
+    ending: list[list[int]] = [[] for _ in range(n + 1)]  # the candidates that end at each atom
+    for k, (_, j, _) in enumerate(lattice.spans):
+        ending[j].append(k)
     for j, skippable in enumerate(lattice.skippable, start=1):
         for t in range(length + 1):
             if skippable and best[j - 1, t] + skip > best[j, t]:
                 best[j, t], back[j, t] = best[j - 1, t] + skip, (j - 1, t, None)
-        for k, (i, end, _) in enumerate(lattice.spans):
-            if end != j:
-                continue
+        for k in ending[j]:
+            i = lattice.spans[k][0]
             for t in range(1, length + 1):
                 if str(reads[k]) == text[t - 1] and best[i, t - 1] + scores[k] > best[j, t]:
                     best[j, t], back[j, t] = best[i, t - 1] + scores[k], (i, t - 1, k)

@@ -181,7 +181,7 @@ def rates(numbers: list[Number], readings: list[str]) -> dict[str, tuple[int, in
         add("exact", got == text, 1)
         if not number.touching:
             add("digits", max(0, len(text) - edits(got, text)[-1][-1]), len(text))
-        right = matched(got, text)
+        right = matched(got, text) if number.touching else set()
         for i in number.touching:
             add("pairs", len(got) == len(text) and got[i : i + 2] == text[i : i + 2], 1)
             add("aligned", {i, i + 1} <= right, 1)
