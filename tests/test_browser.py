@@ -2,7 +2,8 @@
 
 The page tags the answer it shows (#answer, and #marks over the pad) with the number of strokes finished
 when its request was sent, and replaces it as a whole: a test waits for the answer to its last stroke, then
-reads all of that answer at once. The answer records how long after the pen lifted it was shown.
+reads all of that answer at once. The answer records how long after the pen lifted it was shown; one test
+times that over many strokes, the others check only that the time was recorded.
 
 Uses the system's Chromium (Debian's `chromium` package); Playwright never downloads a browser here.
 Set LENET_SCREENSHOT_DIR to keep a copy of the screenshots outside pytest's temporary folder.
@@ -24,6 +25,7 @@ from served import uvicorn_in_a_thread
 
 CHROMIUM = "/usr/bin/chromium"
 PEN_UP_TO_ANSWER_MS = 150  # one request of a few tens of ms, and the page's own work, with room to spare
+TIMED_STROKES = 9  # strokes timed one at a time; their median is held to PEN_UP_TO_ANSWER_MS
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -142,8 +144,7 @@ def assert_read(answer: dict, digit: str) -> None:
     assert len(answer["probabilities"]) == 10 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert sum(answer["printed"]) == pytest.approx(100, abs=1.0)  # ten values rounded to 0.1%
     assert answer["best"] == 1
-    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
-    print(f"{digit}: shown {answer['msAfterPenUp']} ms after the pen lifted")
+    assert answer["msAfterPenUp"] > 0  # an answer to a stroke, timed from its pen-up
 
 
 def save_screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -197,8 +198,7 @@ def test_the_answer_shown_is_to_the_drawing_as_it_ends(browser, server_url: str)
     assert answer["input"] == expected["input"]
     assert answer["digit"] == expected["digit"]
     assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
-    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
-    print(f"{answer['digit']}: shown {answer['msAfterPenUp']} ms after the pen lifted")
+    assert answer["msAfterPenUp"] > 0
     assert problems == []
 
 
@@ -321,8 +321,7 @@ def draw_407_and_read(page, draw: Callable) -> dict:
         lx0, ly0, lx1, ly1 = mark["labelBox"]
         assert lx0 >= 0 and ly0 >= 0 and lx1 <= 1 and ly1 <= 1, mark  # on the pad
     assert [mark["digit"] for mark in answer["marks"]] == ["4", "0", "7"]
-    assert 0 < answer["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, answer["msAfterPenUp"]
-    print(f"407: shown {answer['msAfterPenUp']} ms after the pen lifted")
+    assert answer["msAfterPenUp"] > 0
     return answer
 
 
@@ -387,7 +386,7 @@ def test_show_work_for_an_off_centre_digit(browser, server_url: str, tmp_path: P
     assert x1 < 0.4 * 280 and 0.1 * 280 < y0 < y1 < 0.9 * 280  # on the left of the 280x280 drawing
     assert work["centre"] == pytest.approx([14, 14], abs=0.5)  # MNIST: moved by whole pixels
     assert "20×20" in work["text"] and "28×28" in work["text"]
-    assert 0 < work["msAfterPenUp"] <= PEN_UP_TO_ANSWER_MS, work["msAfterPenUp"]
+    assert work["msAfterPenUp"] > 0
     save_screenshot(page, tmp_path, "show-work.png")
 
     page.uncheck("#show-work")  # asks again without the steps
@@ -406,4 +405,30 @@ def test_a_number_written_with_a_finger_on_a_phone(browser, server_url: str, tmp
     draw_407_and_read(page, finger_stroke)
     assert page.evaluate("document.scrollingElement.scrollWidth") <= 390  # nor with the boxes drawn
     save_screenshot(page, tmp_path, "phone-number.png")
+    assert problems == []
+
+
+# ---- how soon the answer follows the pen -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["digit", "number", "show work"])
+def test_the_answer_is_shown_soon_after_the_pen_lifts(browser, server_url: str, mode: str) -> None:
+    """Pen up to answer shown, as the page measures it, for TIMED_STROKES strokes drawn one at a time (each
+    answer waited for, then the pad cleared). One stroke's time says as much about what else the machine
+    was doing at that moment as about the page, so their median is held to the limit, and each is printed.
+    An asynchronous PNG encode (canvas.toBlob) would put every one of them past a second."""
+    page, problems = open_page(browser, server_url, viewport={"width": 1100, "height": 900})
+    if mode == "number":
+        switch_to(page, "number")
+    if mode == "show work":
+        page.check("#show-work")
+    times = []
+    for k in range(1, TIMED_STROKES + 1):
+        stroke(page, [(0.45, 0.15), (0.5, 0.85)])
+        answer = page.locator(f'#answer[data-strokes="{k}"][data-ms-after-pen-up]')
+        answer.wait_for(state="attached")
+        times.append(float(answer.get_attribute("data-ms-after-pen-up")))
+        page.click("#clear")
+    print(f"{mode}: shown {', '.join(f'{t:.0f}' for t in times)} ms after the pen lifted")
+    assert sorted(times)[TIMED_STROKES // 2] <= PEN_UP_TO_ANSWER_MS, times
     assert problems == []
