@@ -399,7 +399,8 @@ def bench_predict(
     `images` PNG files (decoding and preprocessing in worker processes, their start included; forward passes
     of imagefiles.CHUNK images), beside preprocess + predict one file at a time (timed on `baseline_images`);
     the best of `rounds` alternating rounds. Reading: PNG bytes of 4 test digits side by side (a scan of a
-    written number) -> read.read_number, timed in the same alternation as the single images. `modern` with
+    written number) -> read.read_number, timed in the same alternation as the single images, beside the
+    same reading with the candidates classified by PyTorch's layers instead of the fused kernel. `modern` with
     fresh weights (speed does not depend on them); ours folds its batch norms, as predict.load does, the
     tutorials' path runs it as built. One torch thread for all, as `lenet predict` and `lenet serve` run.
     """
@@ -409,8 +410,9 @@ def bench_predict(
 
     from lenet import data
     from lenet.device import torch_threads
+    from lenet.evaluate import predict_logits
     from lenet.models import build
-    from lenet.predict import classifier, fold_batch_norm, predict
+    from lenet.predict import _convolutions_for, classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
     from lenet.read import read_number
 
@@ -431,11 +433,17 @@ def bench_predict(
         torch.softmax(built(x.view(1, 1, 28, 28)), 1)
 
     classify = classifier(model, mean, std)
+
+    def layers(images: np.ndarray) -> np.ndarray:  # the candidates through PyTorch's layers, no kernel
+        with _convolutions_for(torch.from_numpy(images)):
+            return torch.softmax(predict_logits(model, torch.from_numpy(images), mean, std), 1).numpy()
+
     numbers = _number_pngs(dataset.test_images.numpy(), 200)
     calls_by_name = {
         "naive": (naive, blobs),
         "ours": (ours, blobs),
         "read": (lambda b: read_number(b, classify), numbers),
+        "read_layers": (lambda b: read_number(b, layers), numbers),
     }
     with torch_threads(1):
         latency = _latencies(calls_by_name, calls)
@@ -456,6 +464,8 @@ def bench_predict(
         "baseline_p99_ms": ms("naive", 99),
         "read_4_digits_p50_ms": ms("read", 50),
         "read_4_digits_p99_ms": ms("read", 99),
+        "read_4_digits_torch_layers_p50_ms": ms("read_layers", 50),
+        "read_kernel_speedup": round(ms("read_layers", 50) / ms("read", 50), 2),
         "folder_images_per_s": round(best["pool"], 1),
         "folder_in_process_images_per_s": round(best["in_process"], 1),
         "baseline_folder_images_per_s": round(best["baseline"], 1),

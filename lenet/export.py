@@ -346,12 +346,13 @@ def reference(checkpoint_path: str | Path, data_dir: str | Path | None = None) -
     import torch
 
     from lenet import checkpoint, data
-    from lenet.predict import predict
+    from lenet.evaluate import predict_logits
 
     model, meta = checkpoint.load_model(checkpoint_path, "cpu")
     dataset = data.load(meta["dataset"], data_dir)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
-    probabilities = predict(model, dataset.test_images, mean, std)
+    # PyTorch's own layers (not predict's fused kernel): the function that an export must compute
+    probabilities = torch.softmax(predict_logits(model, dataset.test_images, mean, std).float(), 1)
 
     @torch.no_grad()
     def measure_fp32_error() -> float:

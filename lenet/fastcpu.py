@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None = None
 _failed = False
 _P = ctypes.c_void_p
+# model -> (the ids of its layers, its FusedInference or None)
+_inference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cache_dir() -> Path:
@@ -406,16 +410,100 @@ def _modern_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
 
 def _same_layers(model: nn.Module, build) -> bool:
     """Whether model is an nn.Sequential with the same named layers (types and settings) as build()."""
-    if not isinstance(model, nn.Sequential):
-        return False
+    return isinstance(model, nn.Sequential) and _layers(model) == _reference_layers(build)
+
+
+def _layers(model: nn.Sequential) -> list[tuple[str, type, str | None]]:
+    # any dropout rate
+    return [(name, type(layer), None if isinstance(layer, nn.Dropout) else layer.extra_repr())
+            for name, layer in model.named_children()]  # fmt: skip
+
+
+@functools.cache
+def _reference_layers(build) -> list[tuple[str, type, str | None]]:
     with torch.random.fork_rng(devices=[]):  # building the reference must not shift the caller's RNG
-        reference = build()
-    ours, ref = list(model.named_children()), list(reference.named_children())
-    return len(ours) == len(ref) and all(
-        name == rname
-        and type(layer) is type(rlayer)
-        and (isinstance(layer, nn.Dropout) or layer.extra_repr() == rlayer.extra_repr())  # any dropout rate
-        for (name, layer), (rname, rlayer) in zip(ours, ref, strict=True)
+        return _layers(build())
+
+
+def _folded_modern() -> nn.Sequential:
+    from lenet.models import modern
+    from lenet.predict import fold_batch_norm
+
+    return fold_batch_norm(modern())
+
+
+class FusedInference(nn.Module):
+    """Logits (N, 10) of an inference-time `classic`, or `modern` with its batch norms folded
+    (predict.fold_batch_norm, as predict.load gives it), from normalised float32 CPU inputs (N, 1, 28, 28),
+    by the fused kernels: the wrapped model's function to float rounding. It reads the model's parameters
+    at every call, so it follows a model that is still training. Without autograd only (predict_logits);
+    with it, or for other inputs, the plain model runs in eval mode. It holds the model weakly: `inference`
+    keeps one per model."""
+
+    def __init__(self, net: nn.Sequential, kind: str):
+        super().__init__()
+        self._net, self.kind = weakref.ref(net), kind
+        self.training = False  # (eval() would switch the wrapped model too)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self._net()
+        c1, c2, f1, f2, f3 = net.conv1, net.conv2, net.fc1, net.fc2, net.fc3
+        weights = (c1.weight, c1.bias, c2.weight, c2.bias, f1.weight, f1.bias, f2.weight, f2.bias, f3.weight,
+                   f3.bias)  # fmt: skip
+        if (
+            torch.is_grad_enabled()
+            or not x.is_cpu
+            or x.shape[1:] != (1, 28, 28)
+            or any(t.dtype != torch.float32 for t in (x, *weights))
+        ):
+            return _in_eval_mode(net, x)
+        x, n = x.contiguous(), len(x)
+        w1, b1, w2, b2 = (t.contiguous() for t in weights[:4])
+        feats = x.new_empty(n, 400)
+        # one thread per block of samples at most: a spare thread would only wait
+        threads = max(1, min(torch.get_num_threads(), -(-n // _lib.lenet_sizes(4))))
+        if self.kind == "classic":
+            _lib.lenet_infer(_ptr(x), n, _ptr(w1), _ptr(b1), _ptr(w2), _ptr(b2), _ptr(feats), threads)
+            act = torch.sigmoid
+        else:  # the folded batch norm is the convolution's bias: y = z * 1 + bias
+            one = torch.ones(16)
+            _lib.modern_infer(_ptr(x), n, _ptr(w1), _ptr(one), _ptr(b1), _ptr(w2), _ptr(one), _ptr(b2),
+                              _ptr(feats), threads)  # fmt: skip
+            act = torch.relu
+        h = act(nn.functional.linear(feats, f1.weight, f1.bias))  # (N, 120)
+        h = act(nn.functional.linear(h, f2.weight, f2.bias))  # (N, 84)
+        return nn.functional.linear(h, f3.weight, f3.bias)  # (N, 10)
+
+
+def _in_eval_mode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = net.training
+    net.eval()
+    try:
+        return net(x)
+    finally:
+        net.train(was_training)
+
+
+def inference(model: nn.Module) -> FusedInference | None:
+    """The fused kernels as `model`'s forward for predictions, or None when they do not compute it: model
+    must be a `classic` or a folded `modern` (FusedInference), and the kernel built (not LENET_NO_EXT=1)."""
+    layers = tuple(map(id, model.children()))
+    known = _inference.get(model)
+    if known is None or known[0] != layers:  # (the layers' settings are compared once per model)
+        kind = _kind(model)
+        known = _inference[model] = (layers, kind and FusedInference(model, kind))
+    return known[1] if known[1] is not None and load_extension() is not None else None
+
+
+def _kind(model: nn.Module) -> str | None:
+    from lenet.models import classic
+
+    return (
+        "classic"
+        if _same_layers(model, classic)
+        else "modern"
+        if _same_layers(model, _folded_modern)
+        else None
     )
 
 

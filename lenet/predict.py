@@ -77,9 +77,19 @@ def predict(
     mean, std: the checkpoint's meta["normalization"]. The model is run in eval mode (and left as it was).
     """
     batch = _as_batch(images).to(next(model.parameters()).device)
-    with _convolutions_for(batch):
-        logits = predict_logits(model, batch, mean, std, batch_size)
+    fused = _fused(model) if batch.device.type == "cpu" and len(batch) > 1 else None
+    with contextlib.nullcontext() if fused else _convolutions_for(batch):
+        logits = predict_logits(fused or model, batch, mean, std, batch_size)
     return torch.softmax(logits.float(), dim=1)
+
+
+def _fused(model: nn.Module) -> nn.Module | None:
+    """classic and folded modern as the fused CPU kernels compute them (fastcpu.inference): faster than
+    PyTorch's layers from 2 images on, e.g. the dozen candidates that `read` classifies at once; for one
+    image no faster, as the kernel computes a whole block of samples (docs/speed.md)."""
+    from lenet import fastcpu
+
+    return fastcpu.inference(model)
 
 
 def classifier(model: nn.Module, mean: float, std: float):

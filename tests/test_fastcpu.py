@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenet import checkpoint, fastcpu, sdlm
+from lenet import checkpoint, fastcpu, predict, sdlm
+from lenet.data import normalize
 from lenet.models import classic, lenet5_1998, map_loss, modern
 from lenet.steps import MAP_J
 from lenet.train import TrainConfig, fit
@@ -154,6 +155,59 @@ def test_modern_in_eval_mode_computes_the_plain_models_function(batch, monkeypat
     assert int(model.bn1.num_batches_tracked) == 0  # evaluation leaves the running statistics alone
     fast(x).sum().backward()  # eval mode with autograd: the plain model, so gradients reach every weight
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _predictable(name: str) -> torch.nn.Module:
+    """A classic, or a modern with its batch norms folded as predict.load folds them (running statistics
+    away from 0 and 1, so that folding them in matters)."""
+    torch.manual_seed(3)
+    if name == "classic":
+        return classic().eval()
+    model = modern()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return predict.fold_batch_norm(model.eval())
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["classic", "modern"])
+def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, monkeypatch):
+    model = _predictable(name)
+    assert fastcpu.inference(model) is not None
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    mean, std = 0.1307, 0.3081
+
+    def plain_then_kernel(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            expected = torch.softmax(model(normalize(images[:n], mean, std)), 1)
+        with monkeypatch.context() as patch:  # the conv stages run in the kernel, not in the plain layers
+            patch.setattr(model.conv1, "forward", None)
+            return predict.predict(model, images[:n], mean, std), expected
+
+    for n in (2, 13, 16, 17, 40):  # within one block of samples, a whole one, across blocks
+        torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # weights changed in place, as an optimizer step changes them
+        model.conv2.weight.mul_(-1.5)
+        model.fc1.bias.add_(0.3)
+    probabilities, expected = plain_then_kernel(40)
+    torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
+    model.train()  # predictions are the eval-mode function (no dropout), and the model is left training
+    torch.testing.assert_close(predict.predict(model, images, mean, std), expected, rtol=1e-5, atol=1e-6)
+    assert model.training
+
+
+def test_predictions_without_the_kernel_where_it_does_not_compute_the_model(monkeypatch):
+    assert fastcpu.inference(modern().eval()) is None  # batch norms not folded: fast_forward's FastModern
+    assert fastcpu.inference(lenet5_1998()) is None
+    model = _predictable("modern")
+    if fastcpu.load_extension() is not None:
+        assert fastcpu.inference(model) is not None
+    model.conv2 = torch.nn.Conv2d(6, 8, kernel_size=5)  # a layer replaced: the model is looked at again
+    assert fastcpu.inference(model) is None
+    monkeypatch.setenv("LENET_NO_EXT", "1")
+    assert fastcpu.inference(_predictable("classic")) is None
 
 
 def test_fallback_when_disabled_or_not_a_known_model(monkeypatch):

@@ -231,13 +231,15 @@ def test_explain_command_writes_one_figure(modern_checkpoint, tmp_path):
 
 @pytest.mark.real_data
 def test_predict_benchmark_reports_every_path(mnist_cache, monkeypatch):
-    """`lenet bench predict --quick`: single images, a folder both ways and a 4-digit number, each timed."""
+    """`lenet bench predict --quick`: single images, a folder both ways and a 4-digit number (its candidates
+    classified in the kernel and in PyTorch's layers), each timed."""
     from lenet import bench
 
     monkeypatch.setenv("LENET_DATA_DIR", str(mnist_cache))
     threads = torch.get_num_threads()
     result = bench.run("predict", quick=True)  # on one torch thread, as `lenet predict` runs
     assert torch.get_num_threads() == threads  # and the caller's count put back
-    timed = ("p50_ms", "p99_ms", "baseline_p50_ms", "read_4_digits_p50_ms", "folder_images_per_s")
+    timed = ("p50_ms", "p99_ms", "baseline_p50_ms", "read_4_digits_p50_ms",
+             "read_4_digits_torch_layers_p50_ms", "folder_images_per_s", "read_kernel_speedup")  # fmt: skip
     assert result["images"] == 600 and all(result[key] > 0 for key in timed)
     assert result["p50_ms"] <= result["p99_ms"] and result["folder_speedup"] > 0
