@@ -336,20 +336,19 @@ def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     totals, came = np.empty((n, h, w)), np.empty((n, h, w), dtype=np.int64)
     above, index = np.zeros((n, w)), np.arange(w)
     # sideways within a row from x' to x > x' costs rightwards[x] - rightwards[x'], to x < x' leftwards[x]
-    # - leftwards[x'] (the prefix sums of every row at once)
+    # - leftwards[x'] (the prefix sums of every row at once); leftwards is kept mirrored, so that both
+    # directions are one array (2n, h, w) that one accumulation per row walks left to right
     step = cost + STRAIGHT
-    rightwards, leftwards = np.cumsum(step, axis=2), np.cumsum(step[:, :, ::-1], axis=2)[:, :, ::-1]
+    sideways = np.concatenate([np.cumsum(step, axis=2), np.cumsum(step[:, :, ::-1], axis=2)])
     for y in range(h):
         entered = above + cost[:, y]  # stepping down into each column
-        from_left = entered - rightwards[:, y]
-        best_left = np.minimum.accumulate(from_left, axis=1)
-        start_left = np.maximum.accumulate(np.where(from_left == best_left, index, 0), axis=1)
-        from_right = (entered - leftwards[:, y])[:, ::-1]
-        best_right = np.minimum.accumulate(from_right, axis=1)
-        start_right = w - 1 - np.maximum.accumulate(np.where(from_right == best_right, index, 0), axis=1)
-        via_left, via_right = best_left + rightwards[:, y], best_right[:, ::-1] + leftwards[:, y]
+        arriving = np.concatenate([entered, entered[:, ::-1]]) - sideways[:, y]
+        best = np.minimum.accumulate(arriving, axis=1)
+        start = np.maximum.accumulate(np.where(arriving == best, index, 0), axis=1)
+        via = best + sideways[:, y]
+        via_left, via_right = via[:n], via[n:, ::-1]
         np.minimum(via_left, via_right, out=totals[:, y])
-        came[:, y] = np.where(via_left <= via_right, start_left, start_right[:, ::-1])
+        came[:, y] = np.where(via_left <= via_right, start[:n], w - 1 - start[n:, ::-1])
         above = totals[:, y]
     return totals, came
 
