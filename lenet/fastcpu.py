@@ -498,13 +498,9 @@ def inference(model: nn.Module) -> FusedInference | None:
 def _kind(model: nn.Module) -> str | None:
     from lenet.models import classic
 
-    return (
-        "classic"
-        if _same_layers(model, classic)
-        else "modern"
-        if _same_layers(model, _folded_modern)
-        else None
-    )
+    if _same_layers(model, classic):
+        return "classic"
+    return "modern" if _same_layers(model, _folded_modern) else None
 
 
 def affine_warp(images: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
