@@ -334,13 +334,7 @@ class FastClassic(nn.Module):
                 self._workspace,
             )
         else:  # evaluation: no activations kept
-            x = x.contiguous()
-            params = [
-                t.detach().contiguous()
-                for t in (net.conv1.weight, net.conv1.bias, net.conv2.weight, net.conv2.bias)
-            ]
-            feats = x.new_empty(len(x), 400)
-            _lib.lenet_infer(_ptr(x), len(x), *map(_ptr, params), _ptr(feats), torch.get_num_threads())
+            feats = _classic_infer(x.contiguous(), net)
         h = torch.sigmoid(net.fc1(feats))  # (N, 120)
         h = torch.sigmoid(net.fc2(h))  # (N, 84)
         return net.fc3(h)  # (N, 10)
@@ -392,6 +386,21 @@ class FastModern(nn.Module):
         return self.head(feats)  # (N, 10)
 
 
+def _infer_threads(n: int) -> int:
+    # one thread per block of samples at most: a spare thread would only wait
+    return max(1, min(torch.get_num_threads(), -(-n // _lib.lenet_sizes(4))))
+
+
+def _classic_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
+    """(N, 1, 28, 28) contiguous -> (N, 400): classic's conv stages, without autograd."""
+    params = [
+        t.detach().contiguous() for t in (net.conv1.weight, net.conv1.bias, net.conv2.weight, net.conv2.bias)
+    ]
+    feats = x.new_empty(len(x), 400)
+    _lib.lenet_infer(_ptr(x), len(x), *map(_ptr, params), _ptr(feats), _infer_threads(len(x)))
+    return feats
+
+
 def _modern_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
     """(N, 1, 28, 28) -> (N, 400) in eval mode: each batch norm as y = z * scale + shift from its running
     statistics."""
@@ -399,12 +408,16 @@ def _modern_infer(x: torch.Tensor, net: nn.Sequential) -> torch.Tensor:
     for bn in (net.bn1, net.bn2):
         scale = bn.weight.detach() * (bn.running_var + bn.eps).rsqrt()
         folded += [scale, bn.bias.detach() - bn.running_mean * scale]
-    w1, w2 = net.conv1.weight.detach().contiguous(), net.conv2.weight.detach().contiguous()
+    return _modern_kernel(x, net.conv1.weight, *folded[:2], net.conv2.weight, *folded[2:])
+
+
+def _modern_kernel(x, w1, scale1, shift1, w2, scale2, shift2) -> torch.Tensor:
+    """(N, 1, 28, 28) contiguous -> (N, 400): modern's conv stages, each conv's output z taken to
+    relu(z * scale + shift) per channel, then max-pooled; without autograd."""
+    w1, w2 = w1.detach().contiguous(), w2.detach().contiguous()
     feats = x.new_empty(len(x), 400)
-    _lib.modern_infer(
-        _ptr(x), len(x), _ptr(w1), *map(_ptr, folded[:2]), _ptr(w2), *map(_ptr, folded[2:]), _ptr(feats),
-        torch.get_num_threads(),
-    )  # fmt: skip
+    _lib.modern_infer(_ptr(x), len(x), _ptr(w1), _ptr(scale1), _ptr(shift1), _ptr(w2), _ptr(scale2),
+                      _ptr(shift2), _ptr(feats), _infer_threads(len(x)))  # fmt: skip
     return feats
 
 
@@ -444,32 +457,25 @@ class FusedInference(nn.Module):
         super().__init__()
         self._net, self.kind = weakref.ref(net), kind
         self.training = False  # (eval() would switch the wrapped model too)
+        self._scales = torch.ones(6), torch.ones(16)  # modern's, folded: the batch norm is the conv's bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self._net()
         c1, c2, f1, f2, f3 = net.conv1, net.conv2, net.fc1, net.fc2, net.fc3
-        weights = (c1.weight, c1.bias, c2.weight, c2.bias, f1.weight, f1.bias, f2.weight, f2.bias, f3.weight,
-                   f3.bias)  # fmt: skip
         if (
             torch.is_grad_enabled()
             or not x.is_cpu
             or x.shape[1:] != (1, 28, 28)
-            or any(t.dtype != torch.float32 for t in (x, *weights))
+            or x.dtype != torch.float32
+            or any(t.dtype != torch.float32 for m in (c1, c2, f1, f2, f3) for t in (m.weight, m.bias))
         ):
             return _in_eval_mode(net, x)
-        x, n = x.contiguous(), len(x)
-        w1, b1, w2, b2 = (t.contiguous() for t in weights[:4])
-        feats = x.new_empty(n, 400)
-        # one thread per block of samples at most: a spare thread would only wait
-        threads = max(1, min(torch.get_num_threads(), -(-n // _lib.lenet_sizes(4))))
+        x = x.contiguous()
         if self.kind == "classic":
-            _lib.lenet_infer(_ptr(x), n, _ptr(w1), _ptr(b1), _ptr(w2), _ptr(b2), _ptr(feats), threads)
-            act = torch.sigmoid
-        else:  # the folded batch norm is the convolution's bias: y = z * 1 + bias
-            one = torch.ones(16)
-            _lib.modern_infer(_ptr(x), n, _ptr(w1), _ptr(one), _ptr(b1), _ptr(w2), _ptr(one), _ptr(b2),
-                              _ptr(feats), threads)  # fmt: skip
-            act = torch.relu
+            feats, act = _classic_infer(x, net), torch.sigmoid  # (N, 400)
+        else:
+            s1, s2 = self._scales
+            feats, act = _modern_kernel(x, c1.weight, s1, c1.bias, c2.weight, s2, c2.bias), torch.relu
         h = act(nn.functional.linear(feats, f1.weight, f1.bias))  # (N, 120)
         h = act(nn.functional.linear(h, f2.weight, f2.bias))  # (N, 84)
         return nn.functional.linear(h, f3.weight, f3.bias)  # (N, 10)
