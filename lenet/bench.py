@@ -410,11 +410,9 @@ def bench_predict(
 
     from lenet import data
     from lenet.device import torch_threads
-    from lenet.evaluate import predict_logits
     from lenet.models import build
-    from lenet.predict import _convolutions_for, classifier, fold_batch_norm, predict
+    from lenet.predict import classifier, fold_batch_norm, predict
     from lenet.preprocess import preprocess
-    from lenet.read import read_number
 
     dataset = data.load("mnist")
     torch.manual_seed(0)
@@ -432,18 +430,10 @@ def bench_predict(
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).sub_(mean).div_(std)
         torch.softmax(built(x.view(1, 1, 28, 28)), 1)
 
-    classify = classifier(model, mean, std)
-
-    def layers(images: np.ndarray) -> np.ndarray:  # the candidates through PyTorch's layers, no kernel
-        with _convolutions_for(torch.from_numpy(images)):
-            return torch.softmax(predict_logits(model, torch.from_numpy(images), mean, std), 1).numpy()
-
-    numbers = _number_pngs(dataset.test_images.numpy(), 200)
     calls_by_name = {
         "naive": (naive, blobs),
         "ours": (ours, blobs),
-        "read": (lambda b: read_number(b, classify), numbers),
-        "read_layers": (lambda b: read_number(b, layers), numbers),
+        **_reading_calls(model, mean, std, _number_pngs(dataset.test_images.numpy(), 200)),
     }
     with torch_threads(1):
         latency = _latencies(calls_by_name, calls)
@@ -470,6 +460,25 @@ def bench_predict(
         "folder_in_process_images_per_s": round(best["in_process"], 1),
         "baseline_folder_images_per_s": round(best["baseline"], 1),
         "folder_speedup": round(best["pool"] / best["baseline"], 2),
+    }
+
+
+def _reading_calls(model: torch.nn.Module, mean: float, std: float, numbers: list[bytes]) -> dict:
+    """The numbers read with the candidates classified as `lenet read` classifies them ("read": the fused
+    kernel, where it computes the model) and by PyTorch's layers ("read_layers"), for _latencies."""
+    from lenet.evaluate import predict_logits
+    from lenet.predict import _convolutions_for, classifier
+    from lenet.read import read_number
+
+    classify = classifier(model, mean, std)
+
+    def layers(images: np.ndarray) -> np.ndarray:
+        with _convolutions_for(torch.from_numpy(images)):
+            return torch.softmax(predict_logits(model, torch.from_numpy(images), mean, std), 1).numpy()
+
+    return {
+        "read": (lambda b: read_number(b, classify), numbers),
+        "read_layers": (lambda b: read_number(b, layers), numbers),
     }
 
 
