@@ -466,15 +466,13 @@ def bench_predict(
 def _reading_calls(model: torch.nn.Module, mean: float, std: float, numbers: list[bytes]) -> dict:
     """The numbers read with the candidates classified as `lenet read` classifies them ("read": the fused
     kernel, where it computes the model) and by PyTorch's layers ("read_layers"), for _latencies."""
-    from lenet.evaluate import predict_logits
-    from lenet.predict import _convolutions_for, classifier
+    from lenet.predict import classifier, predict
     from lenet.read import read_number
 
     classify = classifier(model, mean, std)
 
     def layers(images: np.ndarray) -> np.ndarray:
-        with _convolutions_for(torch.from_numpy(images)):
-            return torch.softmax(predict_logits(model, torch.from_numpy(images), mean, std), 1).numpy()
+        return predict(model, images, mean, std, kernel=False).numpy()
 
     return {
         "read": (lambda b: read_number(b, classify), numbers),

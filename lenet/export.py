@@ -346,13 +346,12 @@ def reference(checkpoint_path: str | Path, data_dir: str | Path | None = None) -
     import torch
 
     from lenet import checkpoint, data
-    from lenet.evaluate import predict_logits
+    from lenet.predict import predict
 
     model, meta = checkpoint.load_model(checkpoint_path, "cpu")
     dataset = data.load(meta["dataset"], data_dir)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
-    # PyTorch's own layers (not predict's fused kernel): the function that an export must compute
-    probabilities = torch.softmax(predict_logits(model, dataset.test_images, mean, std).float(), 1)
+    probabilities = predict(model, dataset.test_images, mean, std, kernel=False)
 
     @torch.no_grad()
     def measure_fp32_error() -> float:

@@ -70,14 +70,21 @@ def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def predict(
-    model: nn.Module, images: np.ndarray | torch.Tensor, mean: float, std: float, batch_size: int = 2000
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    mean: float,
+    std: float,
+    batch_size: int = 2000,
+    kernel: bool = True,
 ) -> torch.Tensor:
     """Class probabilities (N, 10), float32 on the model's device, for uint8 images (N, 28, 28).
 
     mean, std: the checkpoint's meta["normalization"]. The model is run in eval mode (and left as it was).
+    kernel: through the fused CPU kernels where they compute the model (`_fused`); False, PyTorch's own
+    layers (the function an export is checked against).
     """
     batch = _as_batch(images).to(next(model.parameters()).device)
-    fused = _fused(model) if batch.device.type == "cpu" and len(batch) > 1 else None
+    fused = _fused(model) if kernel and batch.device.type == "cpu" and len(batch) > 1 else None
     with contextlib.nullcontext() if fused else _convolutions_for(batch):
         logits = predict_logits(fused or model, batch, mean, std, batch_size)
     return torch.softmax(logits.float(), dim=1)

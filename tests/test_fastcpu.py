@@ -188,6 +188,9 @@ def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, m
 
     for n in (2, 13, 16, 17, 40):  # within one block of samples, a whole one, across blocks
         torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+    with monkeypatch.context() as patch, pytest.raises(TypeError):  # kernel=False: the plain layers run
+        patch.setattr(model.conv1, "forward", None)
+        predict.predict(model, images, mean, std, kernel=False)
     with torch.no_grad():  # weights changed in place, as an optimizer step changes them
         model.conv2.weight.mul_(-1.5)
         model.fc1.bias.add_(0.3)
