@@ -12,17 +12,23 @@ pieces make, and the reading is the left-to-right split into digits that scores 
 4. each run of up to MAX_ATOMS neighbouring pieces and parts (atoms) no wider than a digit prepared the
    MNIST way (`fit_ink`: cropped, fitted into 20x20, centred by mass, exactly as for one digit) and
    classified, in one batch;
-5. the split chosen by dynamic programming: the one whose digits' scores add up to the most. A candidate
-   digit's score is WEIGHTS . its features: the network's confidence, its shape for the line (a digit is
-   about as tall as the line, reaches its top and bottom, and is not much wider than the others), the
-   cuts on its sides, which digit the network reads (a stroke cut off a digit readily passes for a 1 or
-   a 0), and the reader's own checker: a small network that tells whole digits from fragments and merges
-   (`_whole_digit`), which the network, trained on whole digits only, cannot.
+5. digits that overlap, so that no cut from top to bottom parts them, read whole as a pair: each run of
+   atoms without gaps that a cut joins (or one wide piece), PAIR_WIDTH line heights wide, fitted into
+   20x40 and read by the reader's own pairs' network (`_read_pairs`: the left digit, the right one, and
+   whether it is two whole digits at all);
+6. the split chosen by dynamic programming: the one whose digits' and pairs' scores add up to the most. A
+   candidate digit's score is WEIGHTS . its features: the network's confidence, its shape for the line (a
+   digit is about as tall as the line, reaches its top and bottom, and is not much wider than the
+   others), the cuts on its sides, which digit the network reads (a stroke cut off a digit readily
+   passes for a 1 or a 0), and the reader's own checker: a small network that tells whole digits from
+   fragments and merges (`_whole_digit`), which the network, trained on whole digits only, cannot. A
+   pair's is PAIR_WEIGHTS . its features: the pairs' network's confidence and its shape and cuts.
 
 Lengths are in line heights (the median height of the tallest pieces). scripts/fit_reader.py trains
-the checker on the candidates of numbers built from MNIST training digits 0-54,999 and fits WEIGHTS as
-an averaged structured perceptron (Collins 2002: the split the scores choose, corrected towards the best
-split that reads the right number), the way LeCun et al. trained their segmentation graphs
+the checker and the pairs' network on the candidates of numbers built from MNIST training digits
+0-54,999 and fits WEIGHTS and PAIR_WEIGHTS together as an averaged structured perceptron (Collins 2002:
+the split the scores choose, corrected towards the best split that reads the right number, a pair
+counting as its two digits), the way LeCun et al. trained their segmentation graphs
 discriminatively, on numbers built from digits 55,000-57,499; the features and thresholds were chosen on
 numbers of digits 57,500-59,999 (tests/handwritten_numbers.py; digits 55,000-59,999 are the training
 run's validation split, which no checkpoint trains on), never the test set (docs/reading.md).
@@ -38,6 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from lenet.errors import LenetError
 from lenet.preprocess import Ink, Source, components, find_ink, fit_ink, source_name, stroke_width
@@ -49,6 +56,10 @@ MAX_PIECES = 64  # separate marks (specks and lines left out) beyond which a pic
 MAX_ATOMS = 4  # atoms that one digit may be made of
 MAX_WIDTH = 1.4  # the widest candidate digit of more than one atom
 MAX_GAP = 0.6  # the widest gaps between the atoms of one candidate digit, all told
+MAX_PAIR_ATOMS = 6  # atoms that a pair of touching digits, read whole, may be made of
+PAIR_WIDTH = (1.0, 2.8)  # the narrowest and widest candidate pair (line heights)
+PAIR_BOX = (20, 40)  # a pair's ink is fitted into this (h, w) and centred in a PAIR_FIELD field
+PAIR_FIELD = (28, 56)
 SPECK = 0.2  # a piece less than this tall and wide is a speck
 LINE = (1.5, 0.25)  # a piece at least [0] wide and at most [1] tall is a line, not a digit
 CUTTABLE = 0.7  # pieces at least this wide may hold touching digits
@@ -60,29 +71,51 @@ STRAIGHT = 0.02  # ink a cut pays per column it moves sideways
 CUT_ROWS = 64  # cuts are searched for at about this many rows per line height
 WALL = 1e6  # the cost of the columns between pieces laid side by side for the search
 SKIPPABLE = 0.5  # atoms shorter than this may be left out of the reading, scoring SKIP
-SKIP = -2.051
+SKIP = -2.248
 WEIGHTS = np.array([
-    -1.192,  # 1 (a constant)
-    0.122,  # width / the usual piece width
-    0.326,  # the same, squared
-    -0.770,  # (width / height - the predicted digit's usual) squared
+    -1.359,  # 1 (a constant)
+    0.525,  # width / the usual piece width
+    1.030,  # the same, squared
+    -0.278,  # (width / height - the predicted digit's usual) squared
     1.000,  # log p (the network's top probability)
-    1.173,  # log p / p2 (over the second)
-    0.504,  # width
-    0.135,  # width squared
-    0.982,  # height
-    -0.464,  # 0.6 - height where shorter
-    -0.072,  # gaps between its atoms
-    2.676,  # ink crossed by the cut on its left (stroke widths)
-    -0.312,  # strokes beyond one that cut crosses
-    3.023,  # ink crossed by the cut on its right
-    0.842,  # strokes beyond one that cut crosses
-    3.243,  # atoms beyond one
-    -0.041,  # cuts inside it, joined again
-    -0.277,  # where it starts below the line's top (line heights)
-    -2.112,  # where it ends above the line's bottom
-    2.761,  # the checker's logit that it is one whole digit (_whole_digit)
-    -1.463, -2.712, -0.868, 0.678, 0.739, 0.382, -1.263, 0.246, -0.030, 3.099,  # the predicted digit, 0 to 9
+    1.002,  # log p / p2 (over the second)
+    -0.391,  # width
+    -0.606,  # width squared
+    0.167,  # height
+    -0.387,  # 0.6 - height where shorter
+    -0.186,  # gaps between its atoms
+    1.412,  # ink crossed by the cut on its left (stroke widths)
+    -0.014,  # strokes beyond one that cut crosses
+    1.488,  # ink crossed by the cut on its right
+    0.235,  # strokes beyond one that cut crosses
+    2.204,  # atoms beyond one
+    -0.226,  # cuts inside it, joined again
+    -0.164,  # where it starts below the line's top (line heights)
+    -1.671,  # where it ends above the line's bottom
+    2.387,  # the checker's logit that it is one whole digit (_whole_digit)
+    -1.501, -2.406, -1.069, 0.692, 1.205, 1.042, -1.677, 0.559, -0.669, 2.466,  # the predicted digit, 0 to 9
+])  # fmt: skip
+PAIRS = Path(__file__).with_name("digit_pairs.npz")  # _read_pairs' weights (scripts/fit_reader.py)
+PAIR_WEIGHTS = np.array([
+    -6.029,  # 1 (a constant)
+    -0.037,  # log p of the left digit (the pairs' network's top probability)
+    -0.174,  # log p of the right digit
+    0.854,  # log p / p2 of the left digit
+    1.355,  # log p / p2 of the right digit
+    2.176,  # the pairs' network's logit that it is two whole digits
+    0.864,  # width
+    0.346,  # width squared
+    1.478,  # height
+    -0.029,  # 0.6 - height where shorter
+    0.000,  # gaps between its atoms (pairs have none: a fixed 0)
+    0.040,  # ink crossed by the cut on its left (stroke widths)
+    0.196,  # strokes beyond one that cut crosses
+    2.372,  # ink crossed by the cut on its right
+    1.066,  # strokes beyond one that cut crosses
+    0.362,  # atoms beyond one
+    1.070,  # cuts inside it, joined again
+    -0.132,  # where it starts below the line's top (line heights)
+    -0.171,  # where it ends above the line's bottom
 ])  # fmt: skip
 CHECKER = Path(__file__).with_name("whole_digit.npz")  # _whole_digit's weights (scripts/fit_reader.py)
 CHECKER_SEES = [1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # the feature columns it weighs
@@ -136,31 +169,61 @@ def read_number(
     label = name if name is not None else source_name(source)
     found = find_ink(source, invert, label, one_digit=False)
     lattice = candidates(found, classify, len(classes), label)
-    chosen = _best_split(lattice, lattice.features @ WEIGHTS)
+    chosen = _best_split(lattice, lattice.scores(WEIGHTS, PAIR_WEIGHTS))
     if not chosen:
         raise NoNumberError(f"{label}: no digits found (only specks and stray marks)")
-    digits = [_digit(lattice, k, classes, found) for k in chosen]
+    digits = [digit for k in chosen for digit in _digits(lattice, k, classes, found)]
     return {"number": "".join(d["digit"] for d in digits), "digits": digits, "width": found.size[0],
             "height": found.size[1]}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Lattice:
-    """The candidate digits of one line: its atoms left to right, the runs of them that may be digits
-    (`spans`: (i, j, (width, height, gaps))), each prepared (`fields` uint8 (N, 28, 28)) and classified
-    (`probabilities` (N, classes)), their `features` (N, len(WEIGHTS)), and the line's height in pixels."""
+    """The candidates of one line: its atoms left to right; the runs of them that may be digits (`spans`:
+    (i, j, (width, height, gaps))), each prepared (`fields` uint8 (N, 28, 28)) and classified
+    (`probabilities` (N, classes)), with their `features` (N, len(WEIGHTS)); the runs that may be two
+    touching digits, read whole (`pairs`, `pair_fields` (P, 28, 56), `pair_probabilities` (P, 2, 10),
+    `pair_features` (P, len(PAIR_WEIGHTS))); the line's top, bottom and height in pixels (`_line`), the
+    ink (H, W) in 0..1 and where each atom's ink lies (`_reach`). Candidate k < N is spans[k], and k >= N
+    is pairs[k - N]."""
 
     atoms: list[_Atom]
     spans: list[tuple[int, int, tuple[float, float, float]]]
     fields: np.ndarray
     probabilities: np.ndarray
     features: np.ndarray
-    height: float
+    pairs: list[tuple[int, int, tuple[float, float, float]]]
+    pair_fields: np.ndarray
+    pair_probabilities: np.ndarray
+    pair_features: np.ndarray
+    line: tuple[float, float, float]
+    ink: np.ndarray
+    reaches: list[tuple[int, int, np.ndarray]]
+
+    @property
+    def height(self) -> float:
+        """The line's height in pixels."""
+        return self.line[2]
 
     @property
     def skippable(self) -> list[bool]:
         """Which atoms may be left out of the reading: those shorter than SKIPPABLE line heights."""
         return [atom.y1 - atom.y0 < SKIPPABLE * self.height for atom in self.atoms]
+
+    @property
+    def ends(self) -> list[tuple[int, int]]:
+        """The atoms each candidate, digit or pair, begins and ends at: (i, j) for atoms[i:j]."""
+        return [(i, j) for i, j, _ in self.spans + self.pairs]
+
+    def read_as(self, k: int) -> list[int]:
+        """The digits (class indices) candidate k reads as: one, or two for a pair."""
+        if k < len(self.spans):
+            return [int(self.probabilities[k].argmax())]
+        return self.pair_probabilities[k - len(self.spans)].argmax(1).tolist()
+
+    def scores(self, weights: np.ndarray, pair_weights: np.ndarray) -> np.ndarray:
+        """Every candidate's score, the digits' then the pairs'."""
+        return np.concatenate([self.features @ weights, self.pair_features @ pair_weights])
 
 
 def candidates(found: Ink, classify: Callable[[np.ndarray], np.ndarray], classes: int, label: str) -> Lattice:
@@ -171,27 +234,58 @@ def candidates(found: Ink, classify: Callable[[np.ndarray], np.ndarray], classes
     atoms = _atoms(labels, ink, pieces, boxes, height, max(stroke_width(labels > 0), 1.0))
     spans = _spans(atoms, height)
     reaches = [_reach(atom, labels) for atom in atoms]
-    fields = np.stack([fit_ink(_ink_of(reaches[i:j], ink)) for i, j, _ in spans])  # (N, 28, 28)
+    fields = np.stack([fit_ink(_ink_of(reaches[i:j], ink)[2]) for i, j, _ in spans])  # (N, 28, 28)
     probabilities = np.asarray(classify(fields), dtype=np.float64)
     if probabilities.shape != (len(spans), classes):
         raise ValueError(f"classify gave {probabilities.shape} for {len(spans)} images, {classes} classes")
     usual = float(np.median(boxes[pieces, 2] - boxes[pieces, 0])) / height  # a piece's width
-    features = _features(atoms, spans, fields, probabilities, usual, _line(boxes[pieces], height))
-    return Lattice(atoms, spans, fields, probabilities, features, height)
+    line = _line(boxes[pieces], height)
+    features = _features(atoms, spans, fields, probabilities, usual, line)
+    pairs = _pairs(atoms, height) if classes == len(DIGITS) else []  # (the pairs' network reads digits)
+    pair_fields = np.zeros((len(pairs), *PAIR_FIELD), dtype=np.uint8)
+    for p, (i, j, _) in enumerate(pairs):
+        pair_fields[p] = _pair_field(_ink_of(reaches[i:j], ink)[2])
+    pair_probabilities, pair_features = _pair_features(atoms, pairs, pair_fields, line)
+    return Lattice(atoms, spans, fields, probabilities, features, pairs, pair_fields, pair_probabilities,
+                   pair_features, line, ink, reaches)  # fmt: skip
 
 
-def _digit(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> dict:
-    """Candidate k as a digit of the reading, its box in the source's pixels."""
-    i, j, _ = lattice.spans[k]
-    atoms, probabilities = lattice.atoms[i:j], lattice.probabilities[k]
+def _digits(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> list[dict]:
+    """Candidate k as the digits of the reading: one, or for a pair the ink left and right of the column
+    that halves its ink, each with its box in the source's pixels."""
+    n = len(lattice.spans)
+    if k < n:
+        i, j, _ = lattice.spans[k]
+        atoms = lattice.atoms[i:j]
+        box = (min(a.x0 for a in atoms), min(a.y0 for a in atoms), max(a.x1 for a in atoms),
+               max(a.y1 for a in atoms))  # fmt: skip
+        return [_digit(box, lattice.probabilities[k], lattice.fields[k], classes, found)]
+    i, j, _ = lattice.pairs[k - n]
+    y0, x0, ink = _ink_of(lattice.reaches[i:j], lattice.ink)
+    columns = np.flatnonzero((ink > 0.5).any(0))
+    mass = np.cumsum((ink > 0.5).sum(0))
+    at = int(np.clip(np.searchsorted(mass, mass[-1] / 2) + 1, columns[0] + 1, columns[-1]))  # both inked
+    digits = []
+    for (half, left), probabilities in zip(
+        ((ink[:, :at], x0), (ink[:, at:], x0 + at)), lattice.pair_probabilities[k - n], strict=True
+    ):
+        ys, xs = np.nonzero(half > 0.5)
+        box = (left + int(xs.min()), y0 + int(ys.min()), left + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        digits.append(_digit(box, probabilities, fit_ink(half), classes, found))
+    return digits
+
+
+def _digit(
+    box: tuple, probabilities: np.ndarray, field: np.ndarray, classes: Sequence[str], found: Ink
+) -> dict:
+    """A digit of the reading: its box (x0, y0, x1, y1) in the ink's pixels, its probabilities and field."""
     best = int(probabilities.argmax())
     sx, sy = found.scale()
-    x0, y0 = min(a.x0 for a in atoms), min(a.y0 for a in atoms)
-    x1, y1 = max(a.x1 for a in atoms), max(a.y1 for a in atoms)
+    x0, y0, x1, y1 = box
     box = [math.floor(x0 * sx), math.floor(y0 * sy), min(math.ceil(x1 * sx), found.size[0]),
            min(math.ceil(y1 * sy), found.size[1])]  # fmt: skip
     return {"digit": classes[best], "index": best, "probability": float(probabilities[best]),
-            "probabilities": probabilities.tolist(), "box": box, "input": lattice.fields[k]}  # fmt: skip
+            "probabilities": probabilities.tolist(), "box": box, "input": field}  # fmt: skip
 
 
 def _marks(boxes: np.ndarray, label: str) -> tuple[list[int], float]:
@@ -382,21 +476,39 @@ def _crossings(ink: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> int:
     return int(along[0]) + int((np.diff(along.astype(np.int8)) == 1).sum())
 
 
-def _spans(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
-    """Candidate digits: runs atoms[i:j] of at most MAX_ATOMS no wider than MAX_WIDTH, with their shape
-    (width, height, gaps between their atoms) in line heights."""
-    spans = []
+def _runs(
+    atoms: list[_Atom], height: float, most: int, widest: float
+) -> list[tuple[int, int, tuple[float, float, float], bool]]:
+    """Runs atoms[i:j] of at most `most` atoms no wider than `widest` line heights, with gaps between their
+    atoms of at most MAX_GAP, each atom alone always: (i, j, (width, height, gaps) in line heights, whether
+    a cut joins two of its atoms)."""
+    runs = []
     for i in range(len(atoms)):
-        x0, y0, x1, y1, gaps = atoms[i].x0, atoms[i].y0, atoms[i].x1, atoms[i].y1, 0
-        for j in range(i + 1, min(i + MAX_ATOMS, len(atoms)) + 1):
+        x0, y0, x1, y1, gaps, joined = atoms[i].x0, atoms[i].y0, atoms[i].x1, atoms[i].y1, 0, False
+        for j in range(i + 1, min(i + most, len(atoms)) + 1):
             atom = atoms[j - 1]
             if j > i + 1:
-                gaps += max(0, atom.x0 - x1)
+                gaps, joined = gaps + max(0, atom.x0 - x1), joined or atom.cut > 0
                 x0, y0, x1, y1 = min(x0, atom.x0), min(y0, atom.y0), max(x1, atom.x1), max(y1, atom.y1)
-            if j > i + 1 and (x1 - x0 > MAX_WIDTH * height or gaps > MAX_GAP * height):
-                break  # (an atom alone is always a candidate)
-            spans.append((i, j, ((x1 - x0) / height, (y1 - y0) / height, gaps / height)))
-    return spans
+            if j > i + 1 and (x1 - x0 > widest * height or gaps > MAX_GAP * height):
+                break
+            runs.append((i, j, ((x1 - x0) / height, (y1 - y0) / height, gaps / height), joined))
+    return runs
+
+
+def _spans(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
+    """Candidate digits: runs of at most MAX_ATOMS atoms no wider than MAX_WIDTH (an atom alone always), with
+    their shape (width, height, gaps between their atoms) in line heights."""
+    return [(i, j, shape) for i, j, shape, _ in _runs(atoms, height, MAX_ATOMS, MAX_WIDTH)]
+
+
+def _pairs(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
+    """Candidate pairs of touching digits, read whole: runs of at most MAX_PAIR_ATOMS atoms, PAIR_WIDTH wide,
+    without gaps between their atoms, in which a cut joins two atoms (or one atom, uncut), with their
+    shapes as `_spans` gives them."""
+    runs = _runs(atoms, height, MAX_PAIR_ATOMS, PAIR_WIDTH[1])
+    return [(i, j, shape) for i, j, shape, joined in runs
+            if (joined or j == i + 1) and shape[0] >= PAIR_WIDTH[0] and shape[2] == 0]  # fmt: skip
 
 
 def _line(boxes: np.ndarray, height: float) -> tuple[float, float, float]:
@@ -417,16 +529,7 @@ def _features(
     each column is), from their shapes (width, height, gaps) in line heights, their fields (N, 28, 28),
     the network's probabilities (N, classes), the usual width of a piece, and the line's top, bottom and
     height (`_line`)."""
-    top, bottom, line_height = line
-    first_atom = np.array([i for i, _, _ in spans])
-    after = np.array([j for _, j, _ in spans])  # the atom whose cut is each candidate's right edge
-    width, height, gaps = np.array([shape for _, _, shape in spans]).T
-    y0s, y1s = [a.y0 for a in atoms], [a.y1 for a in atoms]
-    below_top = (np.array([min(y0s[i:j]) for i, j, _ in spans]) - top) / line_height
-    above_bottom = (bottom - np.array([max(y1s[i:j]) for i, j, _ in spans])) / line_height
-    cut = np.array([a.cut for a in atoms] + [0.0])  # (and none right of the last atom)
-    beyond_one = np.maximum(np.array([a.crossings for a in atoms] + [0]) - 1, 0)
-    joined = np.concatenate([[0], np.cumsum(cut > 0)])  # joined[k]: atoms before k with a cut on the left
+    width, height = np.array([shape[:2] for _, _, shape in spans]).T
     second, first = np.partition(probabilities, -2, axis=1)[:, -2:].T.clip(1e-12)
     read_as = probabilities.argmax(1)
     typical = np.asarray(ASPECTS)[read_as] if probabilities.shape[1] == len(ASPECTS) else 0.75
@@ -438,6 +541,26 @@ def _features(
         (width / np.maximum(height, 1e-6) - typical) ** 2,
         np.log(first),
         np.minimum(np.log(first / second), 20.0),
+        _run_columns(atoms, spans, line),
+    ])  # fmt: skip
+    whole = _whole_digit(fields, shape[:, CHECKER_SEES])
+    return np.column_stack([shape, whole, read_as[:, None] == np.arange(len(ASPECTS))])  # the digit read
+
+
+def _run_columns(atoms: list[_Atom], runs: list[tuple], line: tuple) -> np.ndarray:
+    """What the scores of digits and pairs alike weigh of runs of atoms (N, 13): WEIGHTS' columns from
+    "width" to "where it ends above the line's bottom", in that order."""
+    top, bottom, line_height = line
+    first_atom = np.array([i for i, _, _ in runs], dtype=int)
+    after = np.array([j for _, j, _ in runs], dtype=int)  # the atom whose cut is each run's right edge
+    width, height, gaps = np.array([shape for _, _, shape in runs]).reshape(-1, 3).T
+    y0s, y1s = [a.y0 for a in atoms], [a.y1 for a in atoms]
+    below_top = (np.array([min(y0s[i:j]) for i, j, _ in runs]) - top) / line_height
+    above_bottom = (bottom - np.array([max(y1s[i:j]) for i, j, _ in runs])) / line_height
+    cut = np.array([a.cut for a in atoms] + [0.0])  # (and none right of the last atom)
+    beyond_one = np.maximum(np.array([a.crossings for a in atoms] + [0]) - 1, 0)
+    joined = np.concatenate([[0], np.cumsum(cut > 0)])  # joined[k]: atoms before k with a cut on the left
+    return np.column_stack([
         width,
         width * width,
         height,
@@ -452,8 +575,20 @@ def _features(
         np.maximum(0.0, below_top),
         np.maximum(0.0, above_bottom),
     ])  # fmt: skip
-    whole = _whole_digit(fields, shape[:, CHECKER_SEES])
-    return np.column_stack([shape, whole, read_as[:, None] == np.arange(len(ASPECTS))])  # the digit read
+
+
+def _pair_features(
+    atoms: list[_Atom], pairs: list[tuple], fields: np.ndarray, line: tuple, weights: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs' network's probabilities (P, 2, 10) for the candidate pairs' fields (P, 28, 56), and what
+    their scores weigh (P, len(PAIR_WEIGHTS)), PAIR_WEIGHTS saying what each column is."""
+    if not pairs:
+        return np.zeros((0, 2, len(DIGITS))), np.zeros((0, len(PAIR_WEIGHTS)))
+    probabilities, two = _read_pairs(fields, weights)
+    ranked = np.sort(probabilities, axis=2).clip(1e-12)  # (P, 2, 10)
+    first, margin = np.log(ranked[:, :, -1]), np.minimum(np.log(ranked[:, :, -1] / ranked[:, :, -2]), 20.0)
+    columns = [np.ones(len(pairs)), first[:, 0], first[:, 1], margin[:, 0], margin[:, 1], two]
+    return probabilities, np.column_stack([*columns, _run_columns(atoms, pairs, line)])
 
 
 @functools.cache
@@ -480,13 +615,52 @@ def _whole_digit(fields: np.ndarray, shape: np.ndarray, weights: dict | None = N
     return np.clip(np.logaddexp.reduce(answers[:, :10], axis=1) - answers[:, 10], -15.0, 15.0)
 
 
+def _pair_field(ink: np.ndarray) -> np.ndarray:
+    """The ink (h, w) in 0..1 of a candidate pair -> its uint8 PAIR_FIELD field: cropped to the ink, fitted
+    into PAIR_BOX keeping the aspect ratio, its darkest pixel made full ink, centred."""
+    ys, xs = np.flatnonzero((ink > 0.5).any(1)), np.flatnonzero((ink > 0.5).any(0))
+    crop = ink[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
+    h, w = crop.shape
+    scale = min(PAIR_BOX[0] / h, PAIR_BOX[1] / w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    fitted = np.asarray(Image.fromarray(crop.astype(np.float32), "F").resize(size, Image.BILINEAR))
+    field = np.zeros(PAIR_FIELD, dtype=np.uint8)
+    y0, x0 = (PAIR_FIELD[0] - size[1]) // 2, (PAIR_FIELD[1] - size[0]) // 2
+    field[y0 : y0 + size[1], x0 : x0 + size[0]] = np.clip(fitted / max(fitted.max(), 1e-6), 0, 1) * 255 + 0.5
+    return field
+
+
+@functools.cache
+def _pair_weights() -> dict[str, np.ndarray]:
+    with np.load(PAIRS, allow_pickle=False) as saved:
+        return {name: saved[name].astype(np.float32) for name in saved.files}
+
+
+def _read_pairs(fields: np.ndarray, weights: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The reader's own network for two touching digits read whole (weights from PAIRS unless given): the
+    fields uint8 (P, 28, 56) -> the probabilities of the left and the right digit (P, 2, 10), and the logit
+    that the field holds two whole digits (P,) rather than one, three or fragments."""
+    w = _pair_weights() if weights is None else weights
+    p = len(fields)
+    x = fields[..., None].astype(np.float32) / 255  # (P, 28, 56, 1)
+    x = _conv_relu_pool(x, w["conv1.weight"], w["conv1.bias"])  # (P, 12, 26, 8), channels last
+    x = _conv_relu_pool(x, w["conv2.weight"], w["conv2.bias"])  # (P, 4, 11, 16)
+    x = np.maximum(x.transpose(0, 3, 1, 2).reshape(p, -1) @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    answers = x @ w["fc2.weight"].T + w["fc2.bias"]  # (P, 21): the left digit, the right, two digits or not
+    digits = answers[:, :20].reshape(p, 2, 10)
+    digits = np.exp(digits - digits.max(2, keepdims=True))
+    return digits / digits.sum(2, keepdims=True), np.clip(answers[:, 20], -15.0, 15.0)
+
+
 def _conv_relu_pool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """A convolution (no padding), ReLU and 2x2 max pooling, the convolution one matrix product over the
     windows: x (N, H, W, C), weight (O, C, k, k) -> (N, (H - k + 1) / 2, (W - k + 1) / 2, O)."""
     out, channels, k, _ = weight.shape
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (N, H', W', C, k, k)
     n, h, w = windows.shape[:3]
-    y = (windows.reshape(n * h * w, channels * k * k) @ weight.reshape(out, -1).T).reshape(n, h, w, out)
+    # the windows copied channels innermost (contiguous in x): a quicker copy than in weight's own order
+    columns = windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, k * k * channels)
+    y = (columns @ weight.transpose(0, 2, 3, 1).reshape(out, -1).T).reshape(n, h, w, out)
     pooled = np.maximum(
         np.maximum(y[:, 0::2, 0::2], y[:, 0::2, 1::2]), np.maximum(y[:, 1::2, 0::2], y[:, 1::2, 1::2])
     )
@@ -496,9 +670,9 @@ def _conv_relu_pool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.n
 def _best_split(lattice: Lattice, scores: np.ndarray, skip: float = SKIP) -> list[int]:
     """The indices into the lattice's spans of the digits of the best-scoring split of its atoms, left to
     right, each candidate scoring scores[k] (short atoms may be left out, each scoring skip)."""
-    atoms, spans, skippable = lattice.atoms, lattice.spans, lattice.skippable
+    atoms, ends, skippable = lattice.atoms, lattice.ends, lattice.skippable
     ending: list[list[int]] = [[] for _ in range(len(atoms) + 1)]
-    for k, (_, j, _) in enumerate(spans):
+    for k, (_, j) in enumerate(ends):
         ending[j].append(k)
     best = np.full(len(atoms) + 1, -np.inf)
     best[0] = 0.0
@@ -507,7 +681,7 @@ def _best_split(lattice: Lattice, scores: np.ndarray, skip: float = SKIP) -> lis
         if skippable[j - 1] and best[j - 1] + skip > best[j]:
             best[j], back[j] = best[j - 1] + skip, (j - 1, None)
         for k in ending[j]:
-            i = spans[k][0]
+            i = ends[k][0]
             if best[i] + scores[k] > best[j]:
                 best[j], back[j] = best[i] + scores[k], (i, k)
     chosen, j = [], len(atoms)
@@ -532,12 +706,13 @@ def _reach(atom: _Atom, labels: np.ndarray, pad: int = 2) -> tuple[int, int, np.
     return y0, x0, own[pad:-pad, pad:-pad] | (near & (labels[y0:y1, x0:x1] == 0))
 
 
-def _ink_of(reaches: list[tuple[int, int, np.ndarray]], ink: np.ndarray) -> np.ndarray:
-    """The ink (h, w) in 0..1 of a candidate digit: where its atoms' ink lies (`_reach`)."""
+def _ink_of(reaches: list[tuple[int, int, np.ndarray]], ink: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """The ink (h, w) in 0..1 of a candidate: where its atoms' ink lies (`_reach`), with its top-left
+    (y0, x0) in the whole ink's pixels."""
     y0, x0 = min(y for y, _, _ in reaches), min(x for _, x, _ in reaches)
     y1 = max(y + mask.shape[0] for y, _, mask in reaches)
     x1 = max(x + mask.shape[1] for _, x, mask in reaches)
     keep = np.zeros((y1 - y0, x1 - x0), dtype=bool)
     for y, x, mask in reaches:
         keep[y - y0 : y - y0 + mask.shape[0], x - x0 : x - x0 + mask.shape[1]] |= mask
-    return np.where(keep, ink[y0:y1, x0:x1], 0).astype(np.float32)
+    return y0, x0, np.where(keep, ink[y0:y1, x0:x1], 0).astype(np.float32)

@@ -188,15 +188,21 @@ def rates(numbers: list[Number], readings: list[str]) -> dict[str, tuple[int, in
     return counts
 
 
+def _atom_owners(lattice, number: Number, shape: tuple[int, int]) -> np.ndarray:
+    """Each atom's pixels counted by the digit of `number` they belong to (atoms, 1 + digits; 0: paper)."""
+    owner = np.asarray(Image.fromarray(number.owner).resize(shape[::-1], Image.NEAREST))
+    ink = np.zeros((len(lattice.atoms), len(number.text) + 1))
+    for k, atom in enumerate(lattice.atoms):
+        pixels = owner[atom.y0 : atom.y1, atom.x0 : atom.x1][atom.mask]
+        ink[k] = np.bincount(pixels, minlength=ink.shape[1])[: ink.shape[1]]
+    return ink
+
+
 def candidate_owners(lattice, number: Number, shape: tuple[int, int]) -> np.ndarray:
     """Which digit of `number` (made with owners=True) each candidate digit of its `read.Lattice` holds
     (N,): the index of the digit whose ink is at least 90% of the candidate's and of which it holds at
     least 85%, or -1 (a fragment, two digits merged, a stray mark). shape: the ink's (`find_ink`)."""
-    owner = np.asarray(Image.fromarray(number.owner).resize(shape[::-1], Image.NEAREST))
-    ink = np.zeros((len(lattice.atoms), len(number.text) + 1))  # each atom's pixels by owner (0: paper)
-    for k, atom in enumerate(lattice.atoms):
-        pixels = owner[atom.y0 : atom.y1, atom.x0 : atom.x1][atom.mask]
-        ink[k] = np.bincount(pixels, minlength=ink.shape[1])[: ink.shape[1]]
+    ink = _atom_owners(lattice, number, shape)
     whole = ink.sum(0)
     owners = []
     for i, j, _ in lattice.spans:
@@ -204,3 +210,22 @@ def candidate_owners(lattice, number: Number, shape: tuple[int, int]) -> np.ndar
         d = int(held[1:].argmax()) + 1
         owners.append(d - 1 if held[d] >= 0.9 * held.sum() and held[d] >= 0.85 * whole[d] else -1)
     return np.array(owners)
+
+
+def pair_owners(lattice, number: Number, shape: tuple[int, int]) -> np.ndarray:
+    """Which neighbouring digits d, d + 1 of `number` each candidate pair of its `read.Lattice` holds (P,):
+    d where their ink is at least 90% of the candidate's and it holds at least 85% of each, or -1."""
+    ink = _atom_owners(lattice, number, shape)
+    whole = ink.sum(0)
+    owners = []
+    for i, j, _ in lattice.pairs:
+        held = ink[i:j].sum(0)
+        both = held[1:-1] + held[2:]  # digits d and d + 1, from d = 0
+        d = int(both.argmax()) if len(both) else 0
+        right = (
+            len(both)
+            and both[d] >= 0.9 * held.sum()
+            and min(held[d + 1] / whole[d + 1], held[d + 2] / whole[d + 2]) >= 0.85
+        )
+        owners.append(d if right else -1)
+    return np.array(owners, dtype=int)

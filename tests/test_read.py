@@ -7,12 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from handwritten_numbers import candidate_owners, number_images, rates
+from handwritten_numbers import candidate_owners, number_images, pair_owners, rates
 from PIL import Image
 
 from lenet.errors import LenetError
 from lenet.preprocess import components, find_ink, fit_ink, preprocess
-from lenet.read import CHECKER, CHECKER_COLUMN, WEIGHTS, candidates, read_number
+from lenet.read import (
+    CHECKER,
+    CHECKER_COLUMN,
+    PAIR_WEIGHTS,
+    PAIRS,
+    WEIGHTS,
+    _best_split,
+    candidates,
+    read_number,
+)
 
 DIGITS = Path(__file__).parent / "digits"
 
@@ -97,8 +106,8 @@ def test_numbers_are_read_and_the_naive_split_is_worse(mnist_test, classify):
     # measured values in docs/reading.md; the naive split: about 86% and 72%
     assert share["digits"] >= 0.97, share
     assert fours_right >= 0.92, fours_right
-    assert share["pairs"] >= 0.72, share
-    assert share["aligned"] >= 0.78, share
+    assert share["pairs"] >= 0.80, share
+    assert share["aligned"] >= 0.85, share
     assert naive_right / digits < share["digits"] - 0.05 and naive_fours < fours_right - 0.1
 
 
@@ -108,7 +117,7 @@ def test_touching_pairs_are_split(mnist_test, classify):
     pairs = number_images(images, labels, 60, seed=4, lengths=(2, 2), touching=1.0)
     readings = [read_number(pair.image, classify)["number"] for pair in pairs]
     assert sum(len(got) == 2 for got in readings) >= 0.85 * len(pairs), readings  # one piece, two digits
-    assert sum(got == pair.text for got, pair in zip(readings, pairs, strict=True)) >= 0.75 * len(pairs)
+    assert sum(got == pair.text for got, pair in zip(readings, pairs, strict=True)) >= 0.85 * len(pairs)
 
 
 @pytest.mark.real_data
@@ -132,6 +141,60 @@ def test_the_checker_tells_whole_digits_from_fragments_and_merges(mnist_test, cl
         told[whole].mean(),
         told[~whole].mean(),
     )
+
+
+@pytest.mark.real_data
+def test_touching_digits_are_read_whole_as_pairs(mnist_test, classify):
+    """The reader's pairs' network (lenet/digit_pairs.npz, trained on training digits' numbers) on every
+    candidate pair of numbers of MNIST test digits with touching neighbours: it reads both digits of the
+    candidates that hold two whole digits, and tells those from the rest (one digit, three, fragments)."""
+    images, labels = mnist_test
+    read_right, told, two = [], [], []
+    for number in number_images(images, labels, 200, seed=8, lengths=(2, 5), touching=1.0, owners=True):
+        found = find_ink(number.image, one_digit=False)
+        lattice = candidates(found, classify, 10, number.text)
+        for p, d in enumerate(pair_owners(lattice, number, found.soft().shape)):
+            told.append((lattice.pair_features[p, 5] > 0) == (d >= 0))
+            two.append(d >= 0)
+            if d >= 0:
+                read_right.append(
+                    "".join(map(str, lattice.pair_probabilities[p].argmax(1))) == number.text[d : d + 2]
+                )
+    assert len(read_right) >= 50 and 0.1 < np.mean(two) < 0.6, (len(read_right), np.mean(two))
+    # measured: 82.9% of 234 pairs read, 88.8% of all candidates told (the same whatever the checkpoint:
+    # the pairs' network sees no probabilities)
+    assert np.mean(read_right) >= 0.78, np.mean(read_right)
+    assert np.mean(told) >= 0.85, np.mean(told)
+
+
+@pytest.mark.real_data
+def test_a_pair_read_whole_gives_two_digits_side_by_side(mnist_test, classify):
+    """Where the best reading takes a pair of touching digits whole, `read_number` gives them as two digits
+    as it gives any other: each with its box (the left one's left of the right one's, both in the image),
+    its probabilities and its 28x28 input."""
+    images, labels = mnist_test
+    seen = 0
+    for number in number_images(images, labels, 60, seed=9, lengths=(2, 5), touching=1.0):
+        lattice = candidates(find_ink(number.image, one_digit=False), classify, 10, "pair")
+        chosen = _best_split(lattice, lattice.scores(WEIGHTS, PAIR_WEIGHTS))
+        reading = read_number(number.image, classify)
+        starts = np.cumsum(
+            [0] + [1 if k < len(lattice.spans) else 2 for k in chosen]
+        )  # each one's first digit
+        for k, start in zip(chosen, starts, strict=False):
+            if k < len(lattice.spans):
+                continue
+            seen += 1
+            left, right = reading["digits"][start : start + 2]
+            assert left["box"][0] < right["box"][0] and left["box"][2] <= right["box"][2]
+            for digit in (left, right):
+                x0, y0, x1, y1 = digit["box"]
+                assert 0 <= x0 < x1 <= reading["width"] and 0 <= y0 < y1 <= reading["height"]
+                assert digit["input"].shape == (28, 28) and digit["input"].dtype == np.uint8
+                assert digit["input"].max() > 200 and digit["digit"] == str(digit["index"])
+                assert abs(sum(digit["probabilities"]) - 1) < 1e-6
+                assert digit["probability"] == max(digit["probabilities"])
+    assert seen >= 5, seen  # measured: 9 pairs taken whole in these 60 numbers
 
 
 def broken(digit: np.ndarray, where: str) -> np.ndarray | None:
@@ -282,9 +345,8 @@ def test_an_onnx_export_reads_the_same(modern_checkpoint, mnist_test, mnist_cach
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_the_reader_can_be_fitted_again(modern_checkpoint, mnist_cache, tmp_path):
-    """scripts/fit_reader.py, on a few numbers: the checker it trains loads as read.py loads its own, and
+    """scripts/fit_reader.py, on a few numbers: the networks it trains load as read.py loads its own, and
     it prints as many weights as read.py has."""
-    out = tmp_path / "checker.npz"
     script = Path(__file__).parents[1] / "scripts" / "fit_reader.py"
     run = subprocess.run(
         [
@@ -295,7 +357,7 @@ def test_the_reader_can_be_fitted_again(modern_checkpoint, mnist_cache, tmp_path
             "--scale",
             "0.02",
             "--out",
-            str(out),
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
@@ -303,7 +365,13 @@ def test_the_reader_can_be_fitted_again(modern_checkpoint, mnist_cache, tmp_path
         env={**os.environ, "LENET_DATA_DIR": str(mnist_cache)},
     )
     assert run.returncode == 0, run.stderr
-    weights = run.stdout.split("WEIGHTS =", 1)[1]
-    assert weights.count(",") + 1 == len(WEIGHTS), run.stdout
-    with np.load(out, allow_pickle=False) as saved, np.load(CHECKER, allow_pickle=False) as shipped:
-        assert {name: saved[name].shape for name in saved} == {name: shipped[name].shape for name in shipped}
+    weights, pair_weights = run.stdout.split("WEIGHTS =")[1:]
+    assert weights.count(",") + 1 == len(WEIGHTS) and pair_weights.count(",") + 1 == len(PAIR_WEIGHTS), (
+        run.stdout
+    )
+    for shipped in (CHECKER, PAIRS):
+        with (
+            np.load(tmp_path / shipped.name, allow_pickle=False) as saved,
+            np.load(shipped, allow_pickle=False) as own,
+        ):
+            assert {name: saved[name].shape for name in saved} == {name: own[name].shape for name in own}
