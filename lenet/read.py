@@ -503,12 +503,13 @@ def _spans(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[floa
 
 
 def _pairs(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[float, float, float]]]:
-    """Candidate pairs of touching digits, read whole: runs of at most MAX_PAIR_ATOMS atoms, PAIR_WIDTH wide,
-    without gaps between their atoms, in which a cut joins two atoms (or one atom, uncut), with their
-    shapes as `_spans` gives them."""
+    """Candidate pairs of touching digits, read whole: runs of at most MAX_PAIR_ATOMS atoms, PAIR_WIDTH wide
+    and two pixels at least (a column of ink for each digit), without gaps between their atoms, in which a
+    cut joins two atoms (or one atom, uncut), with their shapes as `_spans` gives them."""
     runs = _runs(atoms, height, MAX_PAIR_ATOMS, PAIR_WIDTH[1])
+    narrowest = max(PAIR_WIDTH[0], 1.5 / height)  # in line heights
     return [(i, j, shape) for i, j, shape, joined in runs
-            if (joined or j == i + 1) and shape[0] >= PAIR_WIDTH[0] and shape[2] == 0]  # fmt: skip
+            if (joined or j == i + 1) and shape[0] >= narrowest and shape[2] == 0]  # fmt: skip
 
 
 def _line(boxes: np.ndarray, height: float) -> tuple[float, float, float]:

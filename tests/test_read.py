@@ -298,6 +298,18 @@ def test_no_digits_and_too_many_marks_give_one_line_errors():
     assert "\n" not in str(error.value)
 
 
+def test_tiny_images_are_read_or_refused_in_one_line():
+    """Images of a few pixels (what a fuzzer sends): a reading or a LenetError, never another exception."""
+    rng = np.random.default_rng(0)
+    classify = lambda images: np.tile(np.linspace(0.05, 0.14, 10), (len(images), 1))  # noqa: E731
+    for _ in range(1000):
+        image = np.where(rng.random(rng.integers(1, 8, 2)) < 0.4, 0, 255).astype(np.uint8)
+        try:
+            assert read_number(image, classify)["digits"]
+        except LenetError as e:
+            assert "\n" not in str(e)
+
+
 @pytest.mark.real_data
 def test_read_command(modern_checkpoint, mnist_test, tmp_path):
     images, labels = mnist_test
