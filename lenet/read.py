@@ -262,8 +262,8 @@ def _digits(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> lis
         return [_digit(box, lattice.probabilities[k], lattice.fields[k], classes, found)]
     i, j, _ = lattice.pairs[k - n]
     y0, x0, ink = _ink_of(lattice.reaches[i:j], lattice.ink)
-    columns = np.flatnonzero((ink > 0.5).any(0))
-    mass = np.cumsum((ink > 0.5).sum(0))
+    inked = ink > 0.5
+    columns, mass = np.flatnonzero(inked.any(0)), np.cumsum(inked.sum(0))
     at = int(np.clip(np.searchsorted(mass, mass[-1] / 2) + 1, columns[0] + 1, columns[-1]))  # both inked
     digits = []
     for (half, left), probabilities in zip(
@@ -552,9 +552,9 @@ def _run_columns(atoms: list[_Atom], runs: list[tuple], line: tuple) -> np.ndarr
     """What the scores of digits and pairs alike weigh of runs of atoms (N, 13): WEIGHTS' columns from
     "width" to "where it ends above the line's bottom", in that order."""
     top, bottom, line_height = line
-    first_atom = np.array([i for i, _, _ in runs], dtype=int)
-    after = np.array([j for _, j, _ in runs], dtype=int)  # the atom whose cut is each run's right edge
-    width, height, gaps = np.array([shape for _, _, shape in runs]).reshape(-1, 3).T
+    first_atom = np.array([i for i, _, _ in runs])
+    after = np.array([j for _, j, _ in runs])  # the atom whose cut is each run's right edge
+    width, height, gaps = np.array([shape for _, _, shape in runs]).T
     y0s, y1s = [a.y0 for a in atoms], [a.y1 for a in atoms]
     below_top = (np.array([min(y0s[i:j]) for i, j, _ in runs]) - top) / line_height
     above_bottom = (bottom - np.array([max(y1s[i:j]) for i, j, _ in runs])) / line_height
@@ -593,8 +593,9 @@ def _pair_features(
 
 
 @functools.cache
-def _checker() -> dict[str, np.ndarray]:
-    with np.load(CHECKER, allow_pickle=False) as saved:
+def _saved(path: Path) -> dict[str, np.ndarray]:
+    """The weights of one of the reader's own networks (CHECKER, PAIRS), float32, loaded without pickle."""
+    with np.load(path, allow_pickle=False) as saved:
         return {name: saved[name].astype(np.float32) for name in saved.files}
 
 
@@ -604,7 +605,7 @@ def _whole_digit(fields: np.ndarray, shape: np.ndarray, weights: dict | None = N
     uint8 (N, 28, 28) at half size and the candidates' shapes (N, len(CHECKER_SEES)), and answers a digit
     or "not one digit" (scripts/fit_reader.py trains it on the candidates of numbers built from MNIST
     training digits: LeCun et al. trained their cheque reader's recognizer on wrong segments too)."""
-    w = _checker() if weights is None else weights
+    w = _saved(CHECKER) if weights is None else weights
     n, f = len(fields), fields[..., None].astype(np.float32)
     x = (f[:, 0::2, 0::2] + f[:, 0::2, 1::2] + f[:, 1::2, 0::2] + f[:, 1::2, 1::2]) / 1020  # (N, 14, 14, 1)
     x = _conv_relu_pool(x, w["conv1.weight"], w["conv1.bias"])  # (N, 6, 6, 8), channels last
@@ -619,7 +620,8 @@ def _whole_digit(fields: np.ndarray, shape: np.ndarray, weights: dict | None = N
 def _pair_field(ink: np.ndarray) -> np.ndarray:
     """The ink (h, w) in 0..1 of a candidate pair -> its uint8 PAIR_FIELD field: cropped to the ink, fitted
     into PAIR_BOX keeping the aspect ratio, its darkest pixel made full ink, centred."""
-    ys, xs = np.flatnonzero((ink > 0.5).any(1)), np.flatnonzero((ink > 0.5).any(0))
+    inked = ink > 0.5
+    ys, xs = np.flatnonzero(inked.any(1)), np.flatnonzero(inked.any(0))
     crop = ink[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
     h, w = crop.shape
     scale = min(PAIR_BOX[0] / h, PAIR_BOX[1] / w)
@@ -631,17 +633,11 @@ def _pair_field(ink: np.ndarray) -> np.ndarray:
     return field
 
 
-@functools.cache
-def _pair_weights() -> dict[str, np.ndarray]:
-    with np.load(PAIRS, allow_pickle=False) as saved:
-        return {name: saved[name].astype(np.float32) for name in saved.files}
-
-
 def _read_pairs(fields: np.ndarray, weights: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The reader's own network for two touching digits read whole (weights from PAIRS unless given): the
     fields uint8 (P, 28, 56) -> the probabilities of the left and the right digit (P, 2, 10), and the logit
     that the field holds two whole digits (P,) rather than one, three or fragments."""
-    w = _pair_weights() if weights is None else weights
+    w = _saved(PAIRS) if weights is None else weights
     p = len(fields)
     x = fields[..., None].astype(np.float32) / 255  # (P, 28, 56, 1)
     x = _conv_relu_pool(x, w["conv1.weight"], w["conv1.bias"])  # (P, 12, 26, 8), channels last

@@ -290,7 +290,8 @@ def fit_weights(numbers: list[tuple]) -> tuple[np.ndarray, np.ndarray, float]:
     total, rng = np.zeros_like(weights), np.random.default_rng(0)
 
     def counts(lattice: read.Lattice, split: list[int]) -> np.ndarray:
-        used = sum(j - i for i, j in (lattice.ends[k] for k in split))
+        ends = lattice.ends
+        used = sum(ends[k][1] - ends[k][0] for k in split)
         digit = [k for k in split if k < len(lattice.spans)]
         pair = [k - len(lattice.spans) for k in split if k >= len(lattice.spans)]
         return np.concatenate([lattice.features[digit].sum(0), lattice.pair_features[pair].sum(0),
