@@ -438,6 +438,11 @@ def bench_predict(
     with torch_threads(1):
         latency = _latencies(calls_by_name, calls)
         best = _folder_rates(blobs, ours, lambda: classifier(model, mean, std), baseline_images, rounds)
+    return _predict_report(latency, best, len(blobs))
+
+
+def _predict_report(latency: dict[str, list[float]], best: dict[str, float], images: int) -> dict:
+    """bench_predict's result from the latencies of its calls (seconds, by name) and its best folder rates."""
 
     def ms(name: str, q: float) -> float:
         return round(float(np.percentile(latency[name], q)) * 1e3, 3)
@@ -447,7 +452,7 @@ def bench_predict(
         "model": "modern",
         "threads": 1,
         "cpus": os.cpu_count(),
-        "images": len(blobs),
+        "images": images,
         "p50_ms": ms("ours", 50),
         "p99_ms": ms("ours", 99),
         "baseline_p50_ms": ms("naive", 50),
@@ -564,6 +569,15 @@ async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
     return int(head.split(None, 2)[1]), await reader.readexactly(length)
 
 
+def _requests(method: str, path: str, bodies: list[bytes], kinds: list[str]) -> list[bytes]:
+    """Each body as a whole HTTP/1.1 request to 127.0.0.1 (method, path), with its Content-Type."""
+    requests = []
+    for body, kind in zip(bodies, kinds, strict=True):
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n"
+        requests.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return requests
+
+
 async def _load(
     port: int,
     method: str,
@@ -588,14 +602,8 @@ async def _load(
     failures = {"errors": 0}
     sent = 0
     deadline = time.perf_counter() + time_limit
-    kinds = kinds or ["image/png"] * len(bodies)
     right = right or (lambda index, status, answer: status == 200 and answer.startswith(b"{"))
-
-    def request(body: bytes, kind: str) -> bytes:
-        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n"
-        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-
-    requests = [request(body, kind) for body, kind in zip(bodies, kinds, strict=True)]
+    requests = _requests(method, path, bodies, kinds or ["image/png"] * len(bodies))
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal sent
