@@ -71,51 +71,51 @@ STRAIGHT = 0.02  # ink a cut pays per column it moves sideways
 CUT_ROWS = 64  # cuts are searched for at about this many rows per line height
 WALL = 1e6  # the cost of the columns between pieces laid side by side for the search
 SKIPPABLE = 0.5  # atoms shorter than this may be left out of the reading, scoring SKIP
-SKIP = -2.248
+SKIP = -3.195
 WEIGHTS = np.array([
-    -1.359,  # 1 (a constant)
-    0.525,  # width / the usual piece width
-    1.030,  # the same, squared
-    -0.278,  # (width / height - the predicted digit's usual) squared
+    -2.439,  # 1 (a constant)
+    0.263,  # width / the usual piece width
+    1.207,  # the same, squared
+    -1.017,  # (width / height - the predicted digit's usual) squared
     1.000,  # log p (the network's top probability)
-    1.002,  # log p / p2 (over the second)
-    -0.391,  # width
-    -0.606,  # width squared
-    0.167,  # height
-    -0.387,  # 0.6 - height where shorter
-    -0.186,  # gaps between its atoms
-    1.412,  # ink crossed by the cut on its left (stroke widths)
-    -0.014,  # strokes beyond one that cut crosses
-    1.488,  # ink crossed by the cut on its right
-    0.235,  # strokes beyond one that cut crosses
-    2.204,  # atoms beyond one
-    -0.226,  # cuts inside it, joined again
-    -0.164,  # where it starts below the line's top (line heights)
-    -1.671,  # where it ends above the line's bottom
-    2.387,  # the checker's logit that it is one whole digit (_whole_digit)
-    -1.501, -2.406, -1.069, 0.692, 1.205, 1.042, -1.677, 0.559, -0.669, 2.466,  # the predicted digit, 0 to 9
+    1.444,  # log p / p2 (over the second)
+    -0.357,  # width
+    0.393,  # width squared
+    0.098,  # height
+    -0.476,  # 0.6 - height where shorter
+    -0.030,  # gaps between its atoms
+    1.092,  # ink crossed by the cut on its left (stroke widths)
+    0.479,  # strokes beyond one that cut crosses
+    2.014,  # ink crossed by the cut on its right
+    1.032,  # strokes beyond one that cut crosses
+    2.685,  # atoms beyond one
+    -0.705,  # cuts inside it, joined again
+    -0.519,  # where it starts below the line's top (line heights)
+    -2.154,  # where it ends above the line's bottom
+    3.067,  # the checker's logit that it is one whole digit (_whole_digit)
+    -2.493, -1.521, -0.522, 1.510, 1.048, 1.523, -1.947, -1.193, -1.705, 2.860,  # the predicted digit, 0 to 9
 ])  # fmt: skip
 PAIRS = Path(__file__).with_name("digit_pairs.npz")  # _read_pairs' weights (scripts/fit_reader.py)
 PAIR_WEIGHTS = np.array([
-    -6.029,  # 1 (a constant)
-    -0.037,  # log p of the left digit (the pairs' network's top probability)
-    -0.174,  # log p of the right digit
-    0.854,  # log p / p2 of the left digit
-    1.355,  # log p / p2 of the right digit
-    2.176,  # the pairs' network's logit that it is two whole digits
-    0.864,  # width
-    0.346,  # width squared
-    1.478,  # height
-    -0.029,  # 0.6 - height where shorter
+    -9.414,  # 1 (a constant)
+    -0.287,  # log p of the left digit (the pairs' network's top probability)
+    -0.173,  # log p of the right digit
+    1.750,  # log p / p2 of the left digit
+    1.080,  # log p / p2 of the right digit
+    4.116,  # the pairs' network's logit that it is two whole digits
+    1.406,  # width
+    0.091,  # width squared
+    2.264,  # height
+    -0.024,  # 0.6 - height where shorter
     0.000,  # gaps between its atoms (pairs have none: a fixed 0)
-    0.040,  # ink crossed by the cut on its left (stroke widths)
-    0.196,  # strokes beyond one that cut crosses
-    2.372,  # ink crossed by the cut on its right
-    1.066,  # strokes beyond one that cut crosses
-    0.362,  # atoms beyond one
-    1.070,  # cuts inside it, joined again
-    -0.132,  # where it starts below the line's top (line heights)
-    -0.171,  # where it ends above the line's bottom
+    2.169,  # ink crossed by the cut on its left (stroke widths)
+    1.136,  # strokes beyond one that cut crosses
+    1.472,  # ink crossed by the cut on its right
+    0.559,  # strokes beyond one that cut crosses
+    0.982,  # atoms beyond one
+    1.501,  # cuts inside it, joined again
+    -0.122,  # where it starts below the line's top (line heights)
+    -0.076,  # where it ends above the line's bottom
 ])  # fmt: skip
 CHECKER = Path(__file__).with_name("whole_digit.npz")  # _whole_digit's weights (scripts/fit_reader.py)
 CHECKER_SEES = [1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # the feature columns it weighs

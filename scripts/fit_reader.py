@@ -6,9 +6,10 @@
    neighbours: each candidate digit of their lattices is labelled with the digit whose ink it holds (at
    least 90% of its ink one digit's, and at least 85% of that digit's ink) or as not one digit, and the
    reader's candidate checker (`read._whole_digit`: a small CNN answering a digit or "not one digit") is
-   trained on them. Their candidate pairs, and those of 16,000 more numbers of those digits with touching
+   trained on them. Their candidate pairs, and those of 48,000 more numbers of those digits with touching
    neighbours, are labelled with the two neighbouring digits they hold (at least 90% of the ink theirs, at
-   least 85% of each one's) or as not two, and the pairs' network (`read._read_pairs`) is trained on them.
+   least 85% of each one's) or as not two, and the pairs' network (`read._read_pairs`) is trained on them,
+   each field randomly distorted (DISTORTION) every time it is seen.
 2. Numbers of digits 55,000-57,499: WEIGHTS, PAIR_WEIGHTS and SKIP fitted as an averaged structured
    perceptron (Collins 2002): wherever the best-scoring split reads a number wrong, the weights move
    towards the best-scoring split that reads it right.
@@ -47,7 +48,7 @@ SPLITS = {"train": (0, 55_000), "fit": (55_000, 57_500), "val": (57_500, 60_000)
 # (split, seed, count, touching share, lengths): the checker's, the weights' and the report's numbers
 CHECKER_SETS = [("train", 1001, 3000, 0.5, (2, 8)), ("train", 1002, 3000, 0.5, (2, 8))]
 # more numbers with touching neighbours, for the pairs' network alone: their candidate pairs only
-PAIR_SETS = [("train", 2001, 8000, 1.0, (2, 5)), ("train", 2002, 8000, 1.0, (2, 5))]
+PAIR_SETS = [("train", seed, 8000, 1.0, (2, 5)) for seed in range(2001, 2007)]
 FIT_SETS = [("fit", 11, 800, 0.2, (2, 8)), ("fit", 12, 500, 1.0, (2, 8))]
 REPORT_SETS = {  # as tests/test_read.py lays out its test numbers
     "mixed": ("val", 101, 300, 0.2, (2, 8)),
@@ -56,7 +57,10 @@ REPORT_SETS = {  # as tests/test_read.py lays out its test numbers
     "twos": ("val", 104, 200, 1.0, (2, 2)),
 }
 EPOCHS, BATCH, LR = 6, 256, 3e-3  # the checker's training
-PAIR_EPOCHS = 8  # the pairs' network's
+PAIR_EPOCHS = 12  # the pairs' network's
+# its training fields' random distortions, each drawn uniformly within +-: rotation (degrees), scale,
+# shear, shift (pixels)
+DISTORTION = (8.0, 0.1, 0.2, 2.0)
 PASSES = 10  # the perceptron's, over the fitting numbers
 
 
@@ -209,7 +213,7 @@ def train_pairs(numbers: list[tuple], extra: list[tuple[np.ndarray, np.ndarray]]
     net = PairReader()
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
-        answers, pair = net(x[batch]), two[batch]
+        answers, pair = net(_distorted(x[batch])), two[batch]
         told = torch.nn.functional.binary_cross_entropy_with_logits(answers[:, 20], pair.float())
         if not pair.any():
             return told
@@ -228,6 +232,28 @@ def train_pairs(numbers: list[tuple], extra: list[tuple[np.ndarray, np.ndarray]]
     )
     print(f"pairs: {len(x)} candidates, {int(two.sum())} of two whole digits")
     return weights
+
+
+def _distorted(fields: torch.Tensor) -> torch.Tensor:
+    """Fields (P, 1, 28, 56) each rotated, scaled, sheared and shifted at random within DISTORTION: the
+    pairs' network reads the test writers' digits better for it (docs/reading.md)."""
+    p, (_, _, h, w) = len(fields), fields.shape
+    rotation, scaling, shear, shift = DISTORTION
+    angle, scale, shear, shift_x, shift_y = (
+        (torch.rand(p) * 2 - 1) * limit for limit in (rotation * np.pi / 180, scaling, shear, shift, shift)
+    )
+    scale = 1 + scale
+    # where each field pixel is sampled from, in affine_grid's coordinates: -1..1 across each side, so a
+    # unit is w / 2 pixels across and h / 2 down (hence h / w and w / h for a rotation in pixels)
+    theta = torch.zeros(p, 2, 3)
+    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 1] = (shear - torch.sin(angle)) / scale * h / w
+    theta[:, 0, 2] = shift_x * 2 / w
+    theta[:, 1, 0] = torch.sin(angle) / scale * w / h
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, 1, 2] = shift_y * 2 / h
+    grid = torch.nn.functional.affine_grid(theta, list(fields.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(fields, grid, align_corners=False)
 
 
 def repaired(numbers: list[tuple], weights: dict) -> None:

@@ -106,8 +106,8 @@ def test_numbers_are_read_and_the_naive_split_is_worse(mnist_test, classify):
     # measured values in docs/reading.md; the naive split: about 86% and 72%
     assert share["digits"] >= 0.97, share
     assert fours_right >= 0.92, fours_right
-    assert share["pairs"] >= 0.80, share
-    assert share["aligned"] >= 0.85, share
+    assert share["pairs"] >= 0.83, share
+    assert share["aligned"] >= 0.88, share
     assert naive_right / digits < share["digits"] - 0.05 and naive_fours < fours_right - 0.1
 
 
@@ -161,10 +161,10 @@ def test_touching_digits_are_read_whole_as_pairs(mnist_test, classify):
                     "".join(map(str, lattice.pair_probabilities[p].argmax(1))) == number.text[d : d + 2]
                 )
     assert len(read_right) >= 50 and 0.1 < np.mean(two) < 0.6, (len(read_right), np.mean(two))
-    # measured: 82.9% of 234 pairs read, 88.8% of all candidates told (the same whatever the checkpoint:
-    # the pairs' network sees no probabilities)
-    assert np.mean(read_right) >= 0.78, np.mean(read_right)
-    assert np.mean(told) >= 0.85, np.mean(told)
+    # measured: 89.3% of 234 pairs read, 90.1% of all 765 candidates told (the same whatever the
+    # checkpoint: the pairs' network sees no probabilities)
+    assert np.mean(read_right) >= 0.85, np.mean(read_right)
+    assert np.mean(told) >= 0.87, np.mean(told)
 
 
 @pytest.mark.real_data
@@ -367,7 +367,7 @@ def test_the_reader_can_be_fitted_again(modern_checkpoint, mnist_cache, tmp_path
             str(modern_checkpoint),
             "--write",
             "--scale",
-            "0.02",
+            "0.01",
             "--out",
             str(tmp_path),
         ],
