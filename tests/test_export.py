@@ -280,8 +280,10 @@ def test_bench_export_measures_every_backend_beside_pytorch(mnist_cache, monkeyp
     result = bench.bench_export(("classic",), calls=5, rounds=1)
     for backend in ("torch", "onnx", "int8"):
         assert result[f"classic_{backend}_latency_us"] > 0 and result[f"classic_{backend}_images_per_s"] > 0
+    # the ratio of the rates it reports, to the two decimals it is rounded to (a relative tolerance failed
+    # whenever ONNX Runtime ran slower than PyTorch: 0.28 for 0.2845)
     assert result["classic_onnx_throughput_speedup"] == pytest.approx(
-        result["classic_onnx_images_per_s"] / result["classic_torch_images_per_s"], rel=0.01
+        result["classic_onnx_images_per_s"] / result["classic_torch_images_per_s"], abs=0.0051
     )
 
 
