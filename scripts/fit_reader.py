@@ -238,11 +238,10 @@ def _distorted(fields: torch.Tensor) -> torch.Tensor:
     """Fields (P, 1, 28, 56) each rotated, scaled, sheared and shifted at random within DISTORTION: the
     pairs' network reads the test writers' digits better for it (docs/reading.md)."""
     p, (_, _, h, w) = len(fields), fields.shape
-    rotation, scaling, shear, shift = DISTORTION
-    angle, scale, shear, shift_x, shift_y = (
-        (torch.rand(p) * 2 - 1) * limit for limit in (rotation * np.pi / 180, scaling, shear, shift, shift)
-    )
-    scale = 1 + scale
+    most_turn, most_stretch, most_shear, most_shift = DISTORTION
+    limits = (most_turn * np.pi / 180, most_stretch, most_shear, most_shift, most_shift)
+    angle, stretch, shear, shift_x, shift_y = ((torch.rand(p) * 2 - 1) * limit for limit in limits)
+    scale = 1 + stretch
     # where each field pixel is sampled from, in affine_grid's coordinates: -1..1 across each side, so a
     # unit is w / 2 pixels across and h / 2 down (hence h / w and w / h for a rotation in pixels)
     theta = torch.zeros(p, 2, 3)
