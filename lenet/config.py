@@ -46,8 +46,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         loss="cross-entropy",
         val_split=5000,
     ),
+    # All 60,000 images and the last epoch: on user-style digits the last epoch read better than the one
+    # a 5,000-image MNIST split chose (docs/recipes.md), so the split has nothing left to choose.
     "modern": dict(
-        epochs=10, batch_size=128, optimizer="adamw", lr=1e-2, weight_decay=5e-4, augment="affine"
+        epochs=10,
+        batch_size=128,
+        optimizer="adamw",
+        lr=1e-2,
+        weight_decay=5e-4,
+        augment="affine",
+        val_split=0,
     ),
     # The 1998 paper's networks: its training (SDLM, 20 passes, the per-pass eta table from 0.0005 per
     # sample) on batches of 16 (LeNet-1: 8) instead of single samples, and the MAP loss for LeNet-5's RBF

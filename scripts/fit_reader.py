@@ -15,10 +15,12 @@
    towards the best-scoring split that reads it right.
 3. Numbers of digits 57,500-59,999, laid out like the tests' numbers: the measures of docs/reading.md.
 
-Digits 55,000-59,999 are the training runs' validation split: no checkpoint trains on them, and nothing
-here looks at the test set. --write trains and saves both networks (as lenet/whole_digit.npz and
-lenet/digit_pairs.npz, or in --out) and prints SKIP, WEIGHTS and PAIR_WEIGHTS to paste into read.py;
-without it, read.py is measured as it is. --scale shrinks every set (0.05 for a smoke run).
+Digits 55,000-59,999 are what `--val-split 5000` holds out, so CHECKPOINT must have held them out: one
+trained on them (modern's default recipe trains on all 60,000) is refused; train one for this with
+`lenet train --model modern --val-split 5000`. Nothing here looks at the test set. --write trains and saves
+both networks (as lenet/whole_digit.npz and lenet/digit_pairs.npz, or in --out) and prints SKIP, WEIGHTS
+and PAIR_WEIGHTS to paste into read.py; without it, read.py is measured as it is. --scale shrinks every set
+(0.05 for a smoke run).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from handwritten_numbers import Number, candidate_owners, number_images, pair_owners, rates  # noqa: E402
 
 from lenet import read  # noqa: E402
+from lenet.checkpoint import load as load_checkpoint  # noqa: E402
 from lenet.data import cache_dir, fetch, read_idx  # noqa: E402
 from lenet.imagefiles import load_classifier  # noqa: E402
 from lenet.preprocess import find_ink  # noqa: E402
@@ -362,6 +365,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="shrink every set (0.05: a smoke run)")
     parser.add_argument("--out", default=str(read.CHECKER.parent), help="where --write saves the networks")
     args = parser.parse_args()
+    _check_held_out(args.checkpoint)
     fetch("mnist")
     started = time.perf_counter()
     if not args.write:
@@ -391,6 +395,17 @@ def main() -> None:
     print("SKIP =", round(skip, 3))
     for name, values in (("WEIGHTS", weights), ("PAIR_WEIGHTS", pair_weights)):
         print(f"{name} =", np.array2string(values, precision=3, separator=", ", max_line_width=100))
+
+
+def _check_held_out(path: str) -> None:
+    """Exit in one line unless the checkpoint held out the digits the weights are fitted and measured on."""
+    held_out = load_checkpoint(path).meta["config"].get("val_split", 0)
+    if held_out < SPLITS["val"][1] - SPLITS["fit"][0]:
+        sys.exit(
+            f"{path}: trained on MNIST training digits {SPLITS['fit'][0]:,}-{SPLITS['val'][1] - 1:,} "
+            f"(--val-split {held_out}), which the reader is fitted and measured on: fit it with a checkpoint "
+            "trained with --val-split 5000"
+        )
 
 
 def _shown(share: dict[str, float]) -> str:

@@ -3,6 +3,11 @@
 Run `python tests/make_digits.py` (needs the fonts listed in FONTS, found under the usual font folders or
 matplotlib's bundled ones). The images are committed, so the tests do not need the fonts.
 
+`python tests/make_digits.py --validation DIR` writes a larger set of the same kinds of picture to DIR
+instead, from another seed and other fonts (VALIDATION_FONTS, which need Debian's fonts-liberation too): the
+user-style validation set that training recipes are compared on (docs/recipes.md), so that no choice is
+made on the committed set.
+
 Each file is named `<label>_<index>_<how it was made>.<ext>`. The set mixes printed digits in several fonts
 and hand-drawn-like strokes with: both polarities, sizes from a few percent to most of the canvas, offsets,
 small rotations and slants, canvases from 28x28 to a few hundred pixels, thin and thick strokes, pen colours
@@ -38,6 +43,26 @@ FONTS = (
     "cmss10.ttf",
     "cmr10.ttf",
 )
+# None of FONTS: the validation set's printed digits are in typefaces the committed set does not use.
+VALIDATION_FONTS = (
+    "LiberationSans-Regular.ttf",
+    "LiberationSans-Bold.ttf",
+    "LiberationSans-Italic.ttf",
+    "LiberationSansNarrow-Regular.ttf",
+    "LiberationSerif-Regular.ttf",
+    "LiberationSerif-Bold.ttf",
+    "LiberationMono-Regular.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "STIXGeneralBol.ttf",
+    "cmb10.ttf",
+    "cmtt10.ttf",
+    "cmti10.ttf",
+    "DejaVuSerifCondensed.ttf",
+)
+VALIDATION_SEED, VALIDATION_BLOCKS = 2026, 4  # 4 x 26 pictures of each digit
 
 # Hand-drawn digits as strokes through control points in a unit box (x right, y down), a few styles each.
 STROKES: dict[int, list[list[list[tuple[float, float]]]]] = {
@@ -329,23 +354,26 @@ def save(image: Image.Image, path: Path, fmt: str, rng: random.Random, exif_turn
     return path
 
 
-def main() -> None:
-    rng = random.Random(SEED)
-    fonts = [find_font(name) for name in FONTS]
-    OUT.mkdir(exist_ok=True)
-    for old in OUT.iterdir():
+def write_set(out: Path, seed: int, font_names: tuple[str, ...], blocks: int) -> None:
+    """Write `blocks` x PER_DIGIT pictures of each digit to out; each block prints 12 of them in fonts."""
+    rng = random.Random(seed)
+    fonts = [find_font(name) for name in font_names]
+    out.mkdir(exist_ok=True)
+    for old in out.glob("[0-9]_*"):  # a set written before; nothing else in the folder
         old.unlink()
     conditions = ("clean", "clean", "photo", "alpha", "clean", "photo")
     index = 0
     for digit in range(10):
-        for i in range(PER_DIGIT):
+        for i in range(PER_DIGIT * blocks):
             canvas = CANVASES[(i + digit) % len(CANVASES)]
             if rng.random() < 0.5:
                 canvas = canvas[::-1]
             fill = rng.uniform(0.25, 0.9) if min(canvas) > 28 else rng.uniform(0.6, 0.95)
             work = max(64, int(canvas[1] * fill * 3))  # draw large, then scale down (anti-aliased)
-            if i < len(fonts):
-                glyph, how = font_glyph(digit, fonts[i], work), Path(FONTS[i]).stem
+            block, slot = divmod(i, PER_DIGIT)
+            if slot < len(FONTS):
+                font = (block * len(FONTS) + slot) % len(fonts)
+                glyph, how = font_glyph(digit, fonts[font], work), Path(font_names[font]).stem
             else:
                 stroke_kind = ("thin", "medium", "thick")[i % 3]
                 # pen width in the final image's pixels: a line in a picture is at least a pixel wide
@@ -364,11 +392,16 @@ def main() -> None:
             image = render(ink, rng, condition, dark_ink)
             exif_turn = fmt == "jpg" and rng.random() < 0.3
             name = f"{digit}_{index:03d}_{how}-{condition}-{'dark' if dark_ink else 'light'}"
-            save(image, OUT / name, fmt, rng, exif_turn)
+            save(image, out / name, fmt, rng, exif_turn)
             index += 1
-    total = sum(p.stat().st_size for p in OUT.iterdir())
-    print(f"wrote {index} images, {total / 1e6:.2f} MB, to {OUT}")
+    total = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {index} images, {total / 1e6:.2f} MB, to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--validation"] and len(sys.argv) == 3:
+        write_set(Path(sys.argv[2]), VALIDATION_SEED, VALIDATION_FONTS, VALIDATION_BLOCKS)
+    elif len(sys.argv) == 1:
+        write_set(OUT, SEED, FONTS, 1)
+    else:
+        sys.exit("usage: python tests/make_digits.py [--validation DIR]")

