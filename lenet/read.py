@@ -30,8 +30,9 @@ the checker and the pairs' network on the candidates of numbers built from MNIST
 the split the scores choose, corrected towards the best split that reads the right number, a pair
 counting as its two digits), the way LeCun et al. trained their segmentation graphs
 discriminatively, on numbers built from digits 55,000-57,499; the features and thresholds were chosen on
-numbers of digits 57,500-59,999 (tests/handwritten_numbers.py; digits 55,000-59,999 are the training
-run's validation split, which no checkpoint trains on), never the test set (docs/reading.md).
+numbers of digits 57,500-59,999 (tests/handwritten_numbers.py; digits 55,000-59,999 are what
+`--val-split 5000` holds out, and the checkpoint they were fitted with held them out), never the test set
+(docs/reading.md).
 Torch-free: `classify` is any function from uint8 images (N, 28, 28) to probabilities (N, classes).
 """
 
@@ -70,6 +71,7 @@ CUT_SPACING = 0.3  # at most one cut per this much of a piece's width
 STRAIGHT = 0.02  # ink a cut pays per column it moves sideways
 CUT_ROWS = 64  # cuts are searched for at about this many rows per line height
 WALL = 1e6  # the cost of the columns between pieces laid side by side for the search
+PAIR_CUT = (0.4, 0.6)  # a pair read whole is split by the cheapest cut within this share of its ink
 SKIPPABLE = 0.5  # atoms shorter than this may be left out of the reading, scoring SKIP
 SKIP = -3.195
 WEIGHTS = np.array([
@@ -251,8 +253,8 @@ def candidates(found: Ink, classify: Callable[[np.ndarray], np.ndarray], classes
 
 
 def _digits(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> list[dict]:
-    """Candidate k as the digits of the reading: one, or for a pair the ink left and right of the column
-    that halves its ink, each with its box in the source's pixels."""
+    """Candidate k as the digits of the reading: one, or for a pair the ink left and right of the
+    cheapest cut through the middle of its ink (`_pair_cut`), each with its box in the source's pixels."""
     n = len(lattice.spans)
     if k < n:
         i, j, _ = lattice.spans[k]
@@ -262,17 +264,33 @@ def _digits(lattice: Lattice, k: int, classes: Sequence[str], found: Ink) -> lis
         return [_digit(box, lattice.probabilities[k], lattice.fields[k], classes, found)]
     i, j, _ = lattice.pairs[k - n]
     y0, x0, ink = _ink_of(lattice.reaches[i:j], lattice.ink)
-    inked = ink > 0.5
-    columns, mass = np.flatnonzero(inked.any(0)), np.cumsum(inked.sum(0))
-    at = int(np.clip(np.searchsorted(mass, mass[-1] / 2) + 1, columns[0] + 1, columns[-1]))  # both inked
+    left_of_cut = np.arange(ink.shape[1]) < _pair_cut(ink)[:, None]  # (h, w)
     digits = []
-    for (half, left), probabilities in zip(
-        ((ink[:, :at], x0), (ink[:, at:], x0 + at)), lattice.pair_probabilities[k - n], strict=True
+    for side, probabilities in zip(
+        (left_of_cut, ~left_of_cut), lattice.pair_probabilities[k - n], strict=True
     ):
+        half = np.where(side, ink, 0)
         ys, xs = np.nonzero(half > 0.5)
-        box = (left + int(xs.min()), y0 + int(ys.min()), left + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
         digits.append(_digit(box, probabilities, fit_ink(half), classes, found))
     return digits
+
+
+def _pair_cut(ink: np.ndarray) -> np.ndarray:
+    """Where to split a pair's ink (h, w) into its two digits: for each row, the first column of the right
+    digit, along the cheapest cut from top to bottom (`_cheapest`) within the PAIR_CUT share of its ink
+    (columns by their ink left of them), leaving both sides some ink."""
+    inked = ink > 0.5
+    columns, mass = np.flatnonzero(inked.any(0)), np.cumsum(inked.sum(0))
+    lo, hi = mass.searchsorted(np.array(PAIR_CUT) * mass[-1])
+    cost = np.full(ink.shape, WALL)
+    cost[:, lo : hi + 1] = ink[:, lo : hi + 1]
+    totals, came = _cheapest(cost[None])
+    at, x = np.empty(ink.shape[0], dtype=np.int64), int(totals[0, -1].argmin())
+    for y in range(ink.shape[0] - 1, -1, -1):  # back up the cut: each row it entered at came, left at x
+        entered = int(came[0, y, x])
+        at[y], x = (entered + x + 1) // 2, entered
+    return np.clip(at, columns[0] + 1, columns[-1])  # the first inked column left, the last right
 
 
 def _digit(
