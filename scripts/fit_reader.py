@@ -400,11 +400,12 @@ def main() -> None:
 def _check_held_out(path: str) -> None:
     """Exit in one line unless the checkpoint held out the digits the weights are fitted and measured on."""
     held_out = load_checkpoint(path).meta["config"].get("val_split", 0)
-    if held_out < SPLITS["val"][1] - SPLITS["fit"][0]:
+    first, end = SPLITS["fit"][0], SPLITS["val"][1]
+    if held_out < end - first:
         sys.exit(
-            f"{path}: trained on MNIST training digits {SPLITS['fit'][0]:,}-{SPLITS['val'][1] - 1:,} "
-            f"(--val-split {held_out}), which the reader is fitted and measured on: fit it with a checkpoint "
-            "trained with --val-split 5000"
+            f"{path}: trained on MNIST training digits {first:,}-{end - 1:,} (--val-split {held_out}), "
+            f"which the reader is fitted and measured on: fit it with a checkpoint trained with "
+            f"--val-split {end - first}"
         )
 
 
