@@ -1,10 +1,8 @@
 """Faster CPU training: the conv stages of `classic` and `modern`, and the whole SDLM training step of
 `lenet5-1998` (`fused_sdlm`), as fused C++ kernels; also augment.affine's resampling (`affine_warp`).
 
-The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use with the local C++
-compiler (a few seconds) and cached under the user's cache directory; processes starting together on an
-empty cache build once (a file lock) and never load a partly written library (it is renamed into place
-whole). `fast_forward(model)` wraps a classic or modern model in a module that computes the same function
+The kernels (csrc/fused_lenet.cpp, plain C++ with OpenMP) are compiled on first use (lenet/native.py).
+`fast_forward(model)` wraps a classic or modern model in a module that computes the same function
 with the same parameters (gradients equal autograd's within float rounding; modern's batch norms update
 their running statistics as nn.BatchNorm2d does, and in eval mode normalise with them); it returns None,
 and the caller keeps the plain model, when the model is neither, not a float32 CPU model, the kernel cannot
@@ -12,142 +10,29 @@ be built, or LENET_NO_EXT=1 is set."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 import weakref
-from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused_lenet.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+from lenet import native
+
 _lib: ctypes.CDLL | None = None
-_failed = False
 _P = ctypes.c_void_p
 # model -> (the ids of its layers, its FusedInference or None)
 _inference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lenet" / "ext"
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: a -march=native build is only valid on the same kind of CPU."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() + platform.machine()
-    return "\n".join([line for line in lines if line.startswith(("model name", "flags"))][:2])
-
-
-def library_path() -> Path:
-    """Where the kernel built from this source, with these flags, for this kind of CPU is cached."""
-    key = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature()])
-    return _cache_dir() / f"fused_lenet_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-@contextlib.contextmanager
-def _build_lock(folder: Path) -> Iterator[bool]:
-    """One builder at a time in folder, across processes (the OS releases a dead process's lock); yields
-    whether the lock is held (no flock on Windows: concurrent builds then still each rename a whole file)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(folder / "build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _build(target: Path, exclusive: bool) -> None:
-    """Compile into a fresh temp folder beside target, then rename the whole file into place. exclusive:
-    no other process is building here, so temp folders left by killed builds can go."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
-    for leftover in target.parent.glob("build-*") if exclusive else ():
-        shutil.rmtree(leftover, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "build failed"
-            )
-        os.replace(built, target)  # atomic: a concurrent reader sees no file or the whole new one
-
-
-def _open_library(target: Path) -> ctypes.CDLL:
-    """The library at target, built first (by one process at a time) when it is missing or will not load.
-
-    A library that exists was renamed into place whole, so it loads without the lock; one that will not
-    load (a file damaged on disk) is rebuilt.
-    """
-    if target.exists():
-        with contextlib.suppress(OSError):
-            return ctypes.CDLL(str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(target.parent) as exclusive:
-        if target.exists():  # built by another process while this one waited for the lock
-            with contextlib.suppress(OSError):
-                return ctypes.CDLL(str(target))
-        _build(target, exclusive)
-    return ctypes.CDLL(str(target))
-
-
 def load_extension() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first use; None when it cannot be built or LENET_NO_EXT=1."""
-    global _lib, _failed
-    if os.environ.get("LENET_NO_EXT") == "1" or _failed:
-        return None
-    if _lib is None:
-        try:
-            lib = _open_library(library_path())
-        except (OSError, RuntimeError) as exc:  # no compiler, a failed build: the plain model still works
-            _failed = True
-            warnings.warn(f"lenet: fused CPU kernel unavailable, using the plain model ({exc})", stacklevel=2)
-            return None
-        lib.lenet_sizes.argtypes, lib.lenet_sizes.restype = [ctypes.c_int], ctypes.c_int
-        lib.lenet_forward.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
-        lib.lenet_backward.argtypes = [_P, _P, ctypes.c_int64, _P, _P, _P, _P, _P, ctypes.c_int]
-        lib.lenet_infer.argtypes = [_P, ctypes.c_int64, _P, _P, _P, _P, _P, ctypes.c_int]
-        lib.lenet_forward.restype = lib.lenet_backward.restype = lib.lenet_infer.restype = None
-        i64, threads = ctypes.c_int64, ctypes.c_int
-        lib.modern_conv1.argtypes = [_P, i64, _P, _P, _P, threads]
-        lib.modern_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, threads]
-        lib.modern_pool2.argtypes = [_P, i64, _P, _P, _P, threads]
-        lib.modern_back_pool2.argtypes = [_P, i64, _P, _P, _P, _P, _P, threads]
-        lib.modern_back_conv2.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, threads]
-        lib.modern_back_conv1.argtypes = [_P, _P, i64, _P, _P, _P, threads]
-        lib.modern_infer.argtypes = [_P, i64, _P, _P, _P, _P, _P, _P, _P, threads]
-        for name in ("conv1", "conv2", "pool2", "back_pool2", "back_conv2", "back_conv1", "infer"):
-            getattr(lib, f"modern_{name}").restype = None
-        lib.lenet_fma_rate.argtypes, lib.lenet_fma_rate.restype = [i64, threads], ctypes.c_double
-        lib.affine_warp.argtypes = [_P, i64, ctypes.c_int, ctypes.c_int, _P, _P, threads]
-        lib.affine_warp.restype = None
-        f32 = ctypes.c_float
-        lib.lenet5_sdlm_train.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, _P, f32, f32, f32, _P, _P]
-        lib.lenet5_sdlm_train.restype = None
+    """The compiled kernels (native.load): None when they cannot be built or LENET_NO_EXT=1."""
+    global _lib
+    lib = native.load()
+    if lib is not None:
         _lib = lib
-    return _lib
+    return lib
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -458,6 +343,7 @@ class FusedInference(nn.Module):
         self._net, self.kind = weakref.ref(net), kind
         self.training = False  # (eval() would switch the wrapped model too)
         self._scales = torch.ones(6), torch.ones(16)  # modern's, folded: the batch norm is the conv's bias
+        self._arrays: tuple[tuple, list[np.ndarray]] = ((), [])  # the parameters' addresses, numpy views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self._net()
@@ -479,6 +365,59 @@ class FusedInference(nn.Module):
         h = act(nn.functional.linear(feats, f1.weight, f1.bias))  # (N, 120)
         h = act(nn.functional.linear(h, f2.weight, f2.bias))  # (N, 84)
         return nn.functional.linear(h, f3.weight, f3.bias)  # (N, 10)
+
+    def probabilities(self, images: np.ndarray, mean: float, std: float) -> np.ndarray | None:
+        """Class probabilities (N, 10) float32 of uint8 images (N, 28, 28) as numpy, normalised as
+        data.normalize does: the same kernels, then numpy for the fully connected layers and the softmax, so
+        without a PyTorch op per layer, whose dispatch costs more than the arithmetic on a few dozen images
+        (the candidates `read` classifies at once: docs/speed.md). forward's function to float rounding;
+        None where forward would not compute it (parameters other than float32)."""
+        params = self._numpy_parameters()
+        if params is None:
+            return None
+        w1, b1, w2, b2, f1, g1, f2, g2, f3, g3 = params
+        x = _levels(mean, std).take(images)  # (N, 28, 28) float32, C-contiguous
+        n, threads = len(x), _infer_threads(len(x))
+        feats = np.empty((n, 400), dtype=np.float32)
+        if self.kind == "classic":
+            conv = (w1, b1, w2, b2)
+            _lib.lenet_infer(x.ctypes.data, n, *(a.ctypes.data for a in conv), feats.ctypes.data, threads)
+            act = _sigmoid
+        else:
+            conv = (w1, self._scales[0].numpy(), b1, w2, self._scales[1].numpy(), b2)  # folded: scales 1
+            _lib.modern_infer(x.ctypes.data, n, *(a.ctypes.data for a in conv), feats.ctypes.data, threads)
+            act = _relu
+        logits = act(act(feats @ f1.T + g1) @ f2.T + g2) @ f3.T + g3  # (N, 120), (N, 84), (N, 10)
+        logits = np.exp(logits - logits.max(1, keepdims=True), out=logits)
+        return logits / logits.sum(1, keepdims=True)
+
+    def _numpy_parameters(self) -> list[np.ndarray] | None:
+        """The wrapped model's parameters as contiguous numpy views, kept while the tensors stay where they
+        are (an optimizer's steps update them in place); None where one is not float32."""
+        net = self._net()
+        tensors = [t for m in (net.conv1, net.conv2, net.fc1, net.fc2, net.fc3) for t in (m.weight, m.bias)]
+        where = tuple(t.data_ptr() for t in tensors)
+        if where != self._arrays[0]:
+            if any(t.dtype != torch.float32 for t in tensors):
+                return None
+            self._arrays = where, [np.ascontiguousarray(t.detach().numpy()) for t in tensors]
+        return self._arrays[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _levels(mean: float, std: float) -> np.ndarray:
+    """(256,) float32: each grey level as data.normalize makes it."""
+    from lenet.data import normalize
+
+    return normalize(torch.arange(256, dtype=torch.uint8).view(1, 16, 16), mean, std).numpy().ravel()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.reciprocal(np.exp(np.negative(x, out=x), out=x) + 1, out=x)
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0, out=x)
 
 
 def _in_eval_mode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from lenet.evaluate import predict_logits
 
 SMALL_BATCH = 8  # forwards of up to this many images on the CPU use PyTorch's own convolutions (see below)
+NUMPY_BATCH = 64  # fused forwards of up to this many images finish in numpy, not PyTorch (see _fused)
 
 _onednn_lock = threading.Lock()
 _onednn_off_for = 0  # small-batch forwards now running with oneDNN switched off
@@ -69,6 +70,13 @@ def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return batch
 
 
+def _as_array(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """_as_batch's images as uint8 numpy (N, 28, 28) on the CPU; numpy's own checked without PyTorch."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (28, 28):
+        return images
+    return _as_batch(images).cpu().numpy()
+
+
 def predict(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -83,8 +91,14 @@ def predict(
     kernel: through the fused CPU kernels where they compute the model (`_fused`); False, PyTorch's own
     layers (the function an export is checked against).
     """
-    batch = _as_batch(images).to(next(model.parameters()).device)
-    fused = _fused(model) if kernel and batch.device.type == "cpu" and len(batch) > 1 else None
+    device = next(model.parameters()).device
+    n = len(images) if getattr(images, "ndim", 1) else 0  # (0-d: _as_batch says what was expected)
+    fused = _fused(model) if kernel and device.type == "cpu" and n > 1 else None
+    if fused is not None and n <= NUMPY_BATCH:
+        probabilities = fused.probabilities(_as_array(images), mean, std)
+        if probabilities is not None:
+            return torch.from_numpy(probabilities)
+    batch = _as_batch(images).to(device)
     with contextlib.nullcontext() if fused else _convolutions_for(batch):
         logits = predict_logits(fused or model, batch, mean, std, batch_size)
     return torch.softmax(logits.float(), dim=1)
@@ -93,7 +107,9 @@ def predict(
 def _fused(model: nn.Module) -> nn.Module | None:
     """classic and folded modern as the fused CPU kernels compute them (fastcpu.inference): faster than
     PyTorch's layers from 2 images on, e.g. the dozen candidates that `read` classifies at once; for one
-    image no faster, as the kernel computes a whole block of samples (docs/speed.md)."""
+    image no faster, as the kernel computes a whole block of samples. Up to NUMPY_BATCH images, the fully
+    connected layers and the softmax run in numpy (FusedInference.probabilities), where PyTorch's
+    dispatch per op would cost more than the arithmetic (docs/speed.md)."""
     from lenet import fastcpu
 
     return fastcpu.inference(model)

@@ -41,12 +41,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lenet import native
 from lenet.errors import LenetError
 from lenet.preprocess import Ink, Source, components, find_ink, fit_ink, source_name, stroke_width
 
@@ -240,7 +242,7 @@ def candidates(found: Ink, classify: Callable[[np.ndarray], np.ndarray], classes
     probabilities = np.asarray(classify(fields), dtype=np.float64)
     if probabilities.shape != (len(spans), classes):
         raise ValueError(f"classify gave {probabilities.shape} for {len(spans)} images, {classes} classes")
-    usual = float(np.median(boxes[pieces, 2] - boxes[pieces, 0])) / height  # a piece's width
+    usual = _median(boxes[pieces, 2] - boxes[pieces, 0]) / height  # a piece's width
     line = _line(boxes[pieces], height)
     features = _features(atoms, spans, fields, probabilities, usual, line)
     pairs = _pairs(atoms, height) if classes == len(DIGITS) else []  # (the pairs' network reads digits)
@@ -311,7 +313,7 @@ def _marks(boxes: np.ndarray, label: str) -> tuple[list[int], float]:
     if len(boxes) == 0:
         raise NoNumberError(f"{label}: no digits found")
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    height = float(np.median(heights[heights >= 0.5 * heights.max()]))
+    height = _median(heights[heights >= 0.5 * heights.max()])
     speck = np.maximum(widths, heights) < SPECK * height
     line = (widths >= LINE[0] * height) & (heights <= LINE[1] * height)
     pieces = np.flatnonzero(~speck & ~line)
@@ -338,8 +340,11 @@ def _atoms(
     for k, mask in enumerate(masks):
         x0, y0 = boxes[pieces[k], :2].tolist()
         h, w = mask.shape
+        if k not in cuts:  # the piece whole (its mask fills its box)
+            atoms.append(_Atom(y0, x0, mask))
+            continue
         columns, after, cut = np.arange(w), np.full(h, -1), (0.0, 0)
-        for _, hi, strokes, crossings in [*cuts.get(k, []), (None, np.full(h, w), 0.0, 0)]:
+        for _, hi, strokes, crossings in [*cuts[k], (None, np.full(h, w), 0.0, 0)]:
             part = mask & (columns > after[:, None]) & (columns <= hi[:, None])  # the cut's own pixels too
             ys, xs = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
             if ys.size:
@@ -376,11 +381,13 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
     down, up = totals[0], totals[1, ::-1]
     came_down, came_up = came[0].tolist(), came[1, ::-1].tolist()  # walked a pixel at a time by _trace
     through = down + up - strip  # the cheapest cut through each pixel
-    padded = np.pad(through, ((0, 0), (1, 1)), constant_values=np.inf)
     inked = strip > 0.5
-    candidate = inked & (strip < WALL) & (through <= padded[:, :-2]) & (through <= padded[:, 2:])
-    candidate &= through <= MAX_CUT * stroke / step
-    left_of = np.pad(np.cumsum(strip, axis=1), ((0, 0), (1, 0)))  # (h, W + 1): cost left of each column
+    inked_rows = inked.tolist()  # (read by _crossings a pixel at a time)
+    candidate = inked & (strip < WALL) & (through <= MAX_CUT * stroke / step)
+    candidate[:, 1:] &= through[:, 1:] <= through[:, :-1]  # no dearer than its neighbours in the row
+    candidate[:, :-1] &= through[:, :-1] <= through[:, 1:]
+    left_of = np.zeros((strip.shape[0], strip.shape[1] + 1))  # (h, W + 1): cost left of each column
+    np.cumsum(strip, axis=1, out=left_of[:, 1:])
     found = []
     for c, x, full in zip(small, starts[:-1], costs, strict=True):
         h, w = c.shape
@@ -388,7 +395,7 @@ def _cuts(costs: list[np.ndarray], height: float, stroke: float) -> list[list[tu
         order = np.argsort(through[ys, xs + x], kind="stable")
         # (h, w + 1): the share of the piece's ink left of each of its columns
         inside = (left_of[:h, x : x + w + 1] - left_of[:h, x : x + 1]) / max(float(c.sum()), 1e-9)
-        cuts = _choose(came_down, came_up, inked, inside, ys[order], xs[order] + x, through, x, w,
+        cuts = _choose(came_down, came_up, inked_rows, inside, ys[order], xs[order] + x, through, x, w,
                        height / step, stroke / step)  # fmt: skip
         h, w = full.shape  # back to the piece's own pixels
         found.append([(np.repeat(lo - x, step)[:h] * step,
@@ -429,8 +436,7 @@ def _choose(came_down, came_up, ink, inside, ys, xs, through, x0, w, height, str
         if MIN_SIDE <= left <= 1 - MIN_SIDE and not any(_cross(lo, hi, a, b) for a, b, _, _ in taken):
             taken.append((lo, hi, centre, float(through[y, x]) / stroke))
     taken.sort(key=lambda cut: cut[2])  # left to right: cuts that do not cross are ordered by their centres
-    cuts = [(np.array(lo), np.array(hi), strokes) for lo, hi, _, strokes in taken]
-    return [(lo, hi, strokes, _crossings(ink, lo, hi)) for lo, hi, strokes in cuts]
+    return [(np.array(lo), np.array(hi), strokes, _crossings(ink, lo, hi)) for lo, hi, _, strokes in taken]
 
 
 def _cross(lo: list[int], hi: list[int], other_lo: list[int], other_hi: list[int]) -> bool:
@@ -443,26 +449,35 @@ def _cheapest(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The cheapest paths from the top row of each cost (n, h, w) to each pixel, stepping down a row or
     sideways a column at a time, paying the cost of each pixel entered and STRAIGHT per sideways step (of
     two equally cheap cuts, the straighter): their totals (n, h, w), and the column at which each entered
-    its last row."""
+    its last row. Compiled where the kernels build (native.load), the same doubles: the loop over rows is
+    otherwise most of the search for cuts."""
     n, h, w = cost.shape
-    totals, came = np.empty((n, h, w)), np.empty((n, h, w), dtype=np.int64)
-    above, index = np.zeros((n, w)), np.arange(w)
-    # sideways within a row from x' to x > x' costs rightwards[x] - rightwards[x'], to x < x' leftwards[x]
-    # - leftwards[x'] (the prefix sums of every row at once); leftwards is kept mirrored, so that both
-    # directions are one array (2n, h, w) that one accumulation per row walks left to right
-    step = cost + STRAIGHT
-    sideways = np.concatenate([np.cumsum(step, axis=2), np.cumsum(step[:, :, ::-1], axis=2)])
-    for y in range(h):
-        entered = above + cost[:, y]  # stepping down into each column
-        arriving = np.concatenate([entered, entered[:, ::-1]]) - sideways[:, y]
-        best = np.minimum.accumulate(arriving, axis=1)
-        start = np.maximum.accumulate(np.where(arriving == best, index, 0), axis=1)
-        via = best + sideways[:, y]
-        via_left, via_right = via[:n], via[n:, ::-1]
-        np.minimum(via_left, via_right, out=totals[:, y])
-        came[:, y] = np.where(via_left <= via_right, start[:n], w - 1 - start[n:, ::-1])
-        above = totals[:, y]
-    return totals, came
+    lib = native.load()
+    if lib is not None:
+        cost = np.ascontiguousarray(cost, dtype=np.float64)
+        totals, came = np.empty((n, h, w)), np.empty((n, h, w), dtype=np.int64)
+        lib.cheapest_paths(cost.ctypes.data, n, h, w, STRAIGHT, totals.ctypes.data, came.ctypes.data)
+        return totals, came
+    # both directions as one array (2n, h, w): each cost walked rightwards, then each mirrored (in reverse
+    # order, so that [::-1, ::-1] pairs every row with its own mirror image) walked rightwards, which is
+    # leftwards in the cost. Sideways from x' to x costs sideways[x] - sideways[x'] (prefix sums).
+    both = np.concatenate([cost, cost[::-1, :, ::-1]])
+    sideways = np.cumsum(both + STRAIGHT, axis=2)
+    totals, best = np.empty((2 * n, h, w)), np.empty((2 * n, h, w))
+    arriving, above = np.empty((2 * n, w)), np.zeros((2 * n, w))
+    for y in range(h):  # the row loop does only what the next row needs; where paths came from, after it
+        np.add(above, both[:, y], out=arriving)  # stepping down into each column
+        np.subtract(arriving, sideways[:, y], out=arriving)
+        np.minimum.accumulate(arriving, axis=1, out=best[:, y])
+        via = best[:, y] + sideways[:, y]
+        above = np.minimum(via, via[::-1, ::-1], out=totals[:, y])  # the cheaper way in, mirrored alike
+    entered = np.concatenate([np.zeros((2 * n, 1, w)), totals[:, :-1]], axis=1) + both
+    index = np.arange(w)
+    start = np.maximum.accumulate(np.where(entered - sideways == best, index, 0), axis=2)
+    via = best + sideways
+    mirrored = (slice(None, None, -1), slice(None), slice(None, None, -1))
+    came = np.where(via[:n] <= via[mirrored][:n], start[:n], w - 1 - start[mirrored][:n])
+    return totals[:n], came
 
 
 def _trace(
@@ -479,19 +494,16 @@ def _trace(
     for row in range(y + 1, h):
         into[row] = out_of[row - 1]
         out_of[row] = came_up[row][into[row]]
-    lo = [min(pair) for pair in zip(into, out_of, strict=True)]
-    hi = [max(pair) for pair in zip(into, out_of, strict=True)]
+    lo, hi = list(map(min, into, out_of)), list(map(max, into, out_of))
     lo[y], hi[y] = min(lo[y], x), max(hi[y], x)
     return lo, hi
 
 
-def _crossings(ink: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> int:
-    """The strokes of ink (h, w) that a cut covering columns lo..hi (h,) of each row crosses: the separate
-    runs of ink along it."""
-    lengths = hi - lo + 1
-    rows = np.repeat(np.arange(len(lo)), lengths)
-    along = ink[rows, lo[rows] + np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)]
-    return int(along[0]) + int((np.diff(along.astype(np.int8)) == 1).sum())
+def _crossings(ink: list[list[bool]], lo: list[int], hi: list[int]) -> int:
+    """The strokes of ink (h rows of w) that a cut covering columns lo..hi (h,) of each row crosses: the
+    separate runs of ink along it."""
+    along = [inked for row, a, b in zip(ink, lo, hi, strict=True) for inked in row[a : b + 1]]
+    return along[0] + sum(map(operator.gt, along[1:], along))  # its first pixel's, then each from paper
 
 
 def _runs(
@@ -500,14 +512,15 @@ def _runs(
     """Runs atoms[i:j] of at most `most` atoms no wider than `widest` line heights, with gaps between their
     atoms of at most MAX_GAP, each atom alone always: (i, j, (width, height, gaps) in line heights, whether
     a cut joins two of its atoms)."""
-    runs = []
+    runs, boxes = [], [(a.x0, a.y0, a.x1, a.y1, a.cut) for a in atoms]
     for i in range(len(atoms)):
-        x0, y0, x1, y1, gaps, joined = atoms[i].x0, atoms[i].y0, atoms[i].x1, atoms[i].y1, 0, False
+        x0, y0, x1, y1, _ = boxes[i]
+        gaps, joined = 0, False
         for j in range(i + 1, min(i + most, len(atoms)) + 1):
-            atom = atoms[j - 1]
             if j > i + 1:
-                gaps, joined = gaps + max(0, atom.x0 - x1), joined or atom.cut > 0
-                x0, y0, x1, y1 = min(x0, atom.x0), min(y0, atom.y0), max(x1, atom.x1), max(y1, atom.y1)
+                ax0, ay0, ax1, ay1, cut = boxes[j - 1]
+                gaps, joined = gaps + max(0, ax0 - x1), joined or cut > 0
+                x0, y0, x1, y1 = min(x0, ax0), min(y0, ay0), max(x1, ax1), max(y1, ay1)
             if j > i + 1 and (x1 - x0 > widest * height or gaps > MAX_GAP * height):
                 break
             runs.append((i, j, ((x1 - x0) / height, (y1 - y0) / height, gaps / height), joined))
@@ -533,7 +546,14 @@ def _pairs(atoms: list[_Atom], height: float) -> list[tuple[int, int, tuple[floa
 def _line(boxes: np.ndarray, height: float) -> tuple[float, float, float]:
     """The line's top and bottom (the median of its tall pieces') in pixels, and its height."""
     tall = boxes[boxes[:, 3] - boxes[:, 1] >= 0.5 * (boxes[:, 3] - boxes[:, 1]).max()]
-    return float(np.median(tall[:, 1])), float(np.median(tall[:, 3])), height
+    return _median(tall[:, 1]), _median(tall[:, 3]), height
+
+
+def _median(values: np.ndarray) -> float:
+    """np.median of a few whole numbers (pixels), without its cost per call, which is more than the work."""
+    ordered = sorted(values.tolist())
+    middle = len(ordered) // 2
+    return float(ordered[middle]) if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _features(
@@ -671,10 +691,11 @@ def _conv_relu_pool(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.n
     """A convolution (no padding), ReLU and 2x2 max pooling, the convolution one matrix product over the
     windows: x (N, H, W, C), weight (O, C, k, k) -> (N, (H - k + 1) / 2, (W - k + 1) / 2, O)."""
     out, channels, k, _ = weight.shape
-    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))  # (N, H', W', C, k, k)
-    n, h, w = windows.shape[:3]
-    # the windows copied channels innermost (contiguous in x): a quicker copy than in weight's own order
-    columns = windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, k * k * channels)
+    n, h, w = x.shape[0], x.shape[1] - k + 1, x.shape[2] - k + 1
+    # each window's pixels row by row, channels innermost (contiguous in x): k * k shifted copies side by
+    # side, quicker than a strided view of the windows copied into weight's own order
+    shifted = [x[:, i : i + h, j : j + w] for i in range(k) for j in range(k)]  # (N, h, w, C) each
+    columns = np.concatenate(shifted, axis=3).reshape(n * h * w, k * k * channels)
     y = (columns @ weight.transpose(0, 2, 3, 1).reshape(out, -1).T).reshape(n, h, w, out)
     pooled = np.maximum(
         np.maximum(y[:, 0::2, 0::2], y[:, 0::2, 1::2]), np.maximum(y[:, 1::2, 0::2], y[:, 1::2, 1::2])
@@ -724,10 +745,13 @@ def _reach(atom: _Atom, labels: np.ndarray, pad: int = 2) -> tuple[int, int, np.
 def _ink_of(reaches: list[tuple[int, int, np.ndarray]], ink: np.ndarray) -> tuple[int, int, np.ndarray]:
     """The ink (h, w) in 0..1 of a candidate: where its atoms' ink lies (`_reach`), with its top-left
     (y0, x0) in the whole ink's pixels."""
-    y0, x0 = min(y for y, _, _ in reaches), min(x for _, x, _ in reaches)
-    y1 = max(y + mask.shape[0] for y, _, mask in reaches)
-    x1 = max(x + mask.shape[1] for _, x, mask in reaches)
-    keep = np.zeros((y1 - y0, x1 - x0), dtype=bool)
-    for y, x, mask in reaches:
-        keep[y - y0 : y - y0 + mask.shape[0], x - x0 : x - x0 + mask.shape[1]] |= mask
-    return y0, x0, np.where(keep, ink[y0:y1, x0:x1], 0).astype(np.float32)
+    y0, x0, keep = reaches[0]
+    if len(reaches) > 1:
+        y0, x0 = min(y for y, _, _ in reaches), min(x for _, x, _ in reaches)
+        y1 = max(y + mask.shape[0] for y, _, mask in reaches)
+        x1 = max(x + mask.shape[1] for _, x, mask in reaches)
+        keep = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        for y, x, mask in reaches:
+            keep[y - y0 : y - y0 + mask.shape[0], x - x0 : x - x0 + mask.shape[1]] |= mask
+    h, w = keep.shape
+    return y0, x0, np.where(keep, ink[y0 : y0 + h, x0 : x0 + w], np.float32(0))  # (ink: float32)

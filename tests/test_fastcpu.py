@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lenet import checkpoint, fastcpu, predict, sdlm
+from lenet import checkpoint, fastcpu, native, predict, sdlm
 from lenet.data import normalize
 from lenet.models import classic, lenet5_1998, map_loss, modern
 from lenet.steps import MAP_J
@@ -176,7 +176,7 @@ def _predictable(name: str) -> torch.nn.Module:
 def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, monkeypatch):
     model = _predictable(name)
     assert fastcpu.inference(model) is not None
-    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (100, 28, 28), dtype=torch.uint8)
     mean, std = 0.1307, 0.3081
 
     def plain_then_kernel(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +184,30 @@ def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, m
             expected = torch.softmax(model(normalize(images[:n], mean, std)), 1)
         with monkeypatch.context() as patch:  # the conv stages run in the kernel, not in the plain layers
             patch.setattr(model.conv1, "forward", None)
+            if n <= predict.NUMPY_BATCH:  # and the rest in numpy, not in PyTorch
+                patch.setattr(torch.nn.functional, "linear", None)
             return predict.predict(model, images[:n], mean, std), expected
 
-    for n in (2, 13, 16, 17, 40):  # within one block of samples, a whole one, across blocks
+    # within one block of samples, a whole one, across blocks; finished in numpy up to NUMPY_BATCH, beyond
+    for n in (2, 13, 16, 17, 40, predict.NUMPY_BATCH, predict.NUMPY_BATCH + 1, 100):
         torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+        assert plain_then_kernel(n)[0].dtype == torch.float32
     with monkeypatch.context() as patch, pytest.raises(TypeError):  # kernel=False: the plain layers run
         patch.setattr(model.conv1, "forward", None)
         predict.predict(model, images, mean, std, kernel=False)
     with torch.no_grad():  # weights changed in place, as an optimizer step changes them
         model.conv2.weight.mul_(-1.5)
         model.fc1.bias.add_(0.3)
-    probabilities, expected = plain_then_kernel(40)
-    torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
+    for n in (40, 100):
+        torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+    model.fc2.weight = torch.nn.Parameter(torch.randn_like(model.fc2.weight))  # a parameter replaced
+    for n in (40, 100):
+        torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+    expected = [plain_then_kernel(n)[1] for n in (40, 100)]
     model.train()  # predictions are the eval-mode function (no dropout), and the model is left training
-    torch.testing.assert_close(predict.predict(model, images, mean, std), expected, rtol=1e-5, atol=1e-6)
+    for n, eval_mode in zip((40, 100), expected, strict=True):
+        probabilities = predict.predict(model, images[:n], mean, std)
+        torch.testing.assert_close(probabilities, eval_mode, rtol=1e-5, atol=1e-6)
     assert model.training
 
 
@@ -209,6 +219,7 @@ def test_predictions_without_the_kernel_where_it_does_not_compute_the_model(monk
         assert fastcpu.inference(model) is not None
     model.conv2 = torch.nn.Conv2d(6, 8, kernel_size=5)  # a layer replaced: the model is looked at again
     assert fastcpu.inference(model) is None
+
     monkeypatch.setenv("LENET_NO_EXT", "1")
     assert fastcpu.inference(_predictable("classic")) is None
 
@@ -378,7 +389,7 @@ def test_processes_starting_at_once_on_an_empty_cache_build_the_kernel_once(tmp_
     assert [p.returncode for p in procs] == [0] * 4, errors
     assert "unavailable" not in "".join(errors)  # none fell back to the plain model
     folder = tmp_path / "cache" / "lenet" / "ext"
-    assert [p.name for p in folder.glob("*.so")] == [fastcpu.library_path().name]
+    assert [p.name for p in folder.glob("*.so")] == [native.library_path().name]
     assert not list(folder.glob("build-*"))  # no temp folder left behind
     assert log.read_text().splitlines() == ["build"]  # one process built, the others waited and loaded it
 
@@ -387,7 +398,7 @@ def test_processes_starting_at_once_on_an_empty_cache_build_the_kernel_once(tmp_
 def test_a_damaged_library_in_the_cache_is_rebuilt(tmp_path, monkeypatch):
     env, log = _compiler_that_counts(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
-    target = fastcpu.library_path()
+    target = native.library_path()
     target.parent.mkdir(parents=True)
     target.write_bytes(b"\x7fELF cut short")
     (target.parent / "build-leftover").mkdir()  # a build killed midway

@@ -10,6 +10,7 @@ import pytest
 from handwritten_numbers import candidate_owners, number_images, pair_owners, rates
 from PIL import Image
 
+from lenet import native
 from lenet.errors import LenetError
 from lenet.preprocess import components, find_ink, fit_ink, preprocess
 from lenet.read import (
@@ -17,8 +18,10 @@ from lenet.read import (
     CHECKER_COLUMN,
     PAIR_WEIGHTS,
     PAIRS,
+    STRAIGHT,
     WEIGHTS,
     _best_split,
+    _cheapest,
     candidates,
     read_number,
 )
@@ -301,6 +304,50 @@ def test_one_digit_is_prepared_exactly_as_predict_prepares_it():
         assert np.abs(alone - preprocess(path)).mean() <= 1.0, path
 
 
+@pytest.mark.parametrize("code", ["compiled", "numpy"])
+def test_cuts_are_searched_along_the_cheapest_paths(code, monkeypatch):
+    """_cheapest against every way into each pixel: from the best total above some column x' of the row, pay
+    for x' and for each pixel stepped into sideways towards x, and STRAIGHT per step."""
+    if code == "numpy":
+        monkeypatch.setenv("LENET_NO_EXT", "1")
+    elif native.load() is None:
+        pytest.skip("no C++ compiler for the kernels")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, h, w = rng.integers(1, 3), rng.integers(1, 7), rng.integers(1, 9)
+        cost = np.where(rng.random((n, h, w)) < 0.4, 0.0, np.round(rng.random((n, h, w)), 1))  # ties
+        totals, came = _cheapest(cost)
+        assert totals.shape == came.shape == (n, h, w)
+        for k in range(n):
+            above = np.zeros(w)
+            for y in range(h):
+                row = cost[k, y]
+
+                def via(start: int, x: int, row=row, above=above) -> float:
+                    steps = range(start + 1, x + 1) if x >= start else range(x, start)
+                    return above[start] + row[start] + sum(row[i] + STRAIGHT for i in steps)
+
+                for x in range(w):
+                    ways = [via(start, x) for start in range(w)]
+                    assert totals[k, y, x] == pytest.approx(min(ways), abs=1e-9)
+                    assert ways[came[k, y, x]] == pytest.approx(min(ways), abs=1e-9)  # where it came in
+                above = totals[k, y]
+
+
+@pytest.mark.skipif(native.load() is None, reason="no C++ compiler for the kernels")
+def test_the_compiled_search_for_cuts_gives_the_same_doubles(monkeypatch):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n, h, w = rng.integers(1, 3), rng.integers(1, 40), rng.integers(1, 80)
+        cost = np.where(rng.random((n, h, w)) < 0.5, 0.0, np.round(rng.random((n, h, w)), rng.integers(0, 4)))
+        cost[:, :, rng.integers(0, w, rng.integers(0, 3))] = 1e6  # walls between pieces
+        compiled = _cheapest(cost)
+        with monkeypatch.context() as patch:
+            patch.setenv("LENET_NO_EXT", "1")
+            plain = _cheapest(cost)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(compiled, plain, strict=True))
+
+
 def test_no_digits_and_too_many_marks_give_one_line_errors():
     classify = lambda images: np.full((len(images), 10), 0.1)  # noqa: E731
     with pytest.raises(LenetError, match="^blank.png: the image is blank") as error:
@@ -369,6 +416,14 @@ def test_an_onnx_export_reads_the_same(modern_checkpoint, mnist_test, mnist_cach
     onnx_rows = lenet("read", str(out), str(tmp_path / "*.png")).stdout.decode()
     assert onnx_rows == torch_rows and len(onnx_rows.splitlines()) == 5
     assert read_number(numbers[0].image, model.predict, classes=model.classes)["number"] in onnx_rows
+    code = (  # the cut search's compiled loop is loaded without PyTorch
+        "import sys; from lenet.cli import main; code = main(sys.argv[1:]); "
+        "print('torch-imported' if 'torch' in sys.modules else 'torch-free', file=sys.stderr); sys.exit(code)"
+    )
+    command = [sys.executable, "-c", code, "read", str(out), str(tmp_path / "*.png")]
+    alone = subprocess.run(command, capture_output=True, timeout=600)
+    assert alone.returncode == 0 and "torch-free" in alone.stderr.decode(), alone.stderr
+    assert alone.stdout.decode() == onnx_rows
 
 
 def fit_reader(*args: str, data: Path) -> subprocess.CompletedProcess:

@@ -886,3 +886,47 @@ void lenet5_sdlm_train(const float* x, const int64_t* labels, int64_t n, int64_t
 }
 
 }  // extern "C"
+
+// ---- The reader's search for cuts (read.py's _cheapest, whose numpy code is the reference) ----
+
+extern "C" {
+
+// The cheapest paths from the top row of each cost (n, h, w) to each pixel, stepping down a row or sideways
+// a column at a time, paying each pixel entered and `straight` per sideways step: totals (n, h, w) and
+// came (n, h, w), the column at which each path entered its last row. The same arithmetic in the same
+// order as the numpy code, so the same doubles: per row, a walk rightwards and one leftwards (on the
+// mirrored row) from each column entered from above, the cheaper of the two kept.
+void cheapest_paths(const double* cost, int64_t n, int64_t h, int64_t w, double straight, double* totals,
+                    int64_t* came) {
+  std::vector<double> above(w), via[2] = {std::vector<double>(w), std::vector<double>(w)};
+  std::vector<int64_t> start[2] = {std::vector<int64_t>(w), std::vector<int64_t>(w)};
+  for (int64_t k = 0; k < n; ++k) {
+    std::fill(above.begin(), above.end(), 0.0);
+    for (int64_t y = 0; y < h; ++y) {
+      const double* row = cost + (k * h + y) * w;
+      for (int d = 0; d < 2; ++d) {  // d = 1: the row mirrored, x' = w - 1 - x
+        double sum = 0.0, best = 0.0;
+        int64_t from = 0;
+        for (int64_t i = 0; i < w; ++i) {
+          const int64_t x = d ? w - 1 - i : i;
+          sum += row[x] + straight;  // the prefix sum of the sideways steps
+          const double arriving = (above[x] + row[x]) - sum;
+          if (i == 0 || arriving < best) best = arriving;
+          if (arriving == best) from = i;  // the last column as cheap as the best so far
+          via[d][i] = best + sum;
+          start[d][i] = from;
+        }
+      }
+      double* total = totals + (k * h + y) * w;
+      int64_t* entered = came + (k * h + y) * w;
+      for (int64_t x = 0; x < w; ++x) {
+        const double right = via[0][x], left = via[1][w - 1 - x];
+        total[x] = std::min(right, left);
+        entered[x] = right <= left ? start[0][x] : w - 1 - start[1][w - 1 - x];
+      }
+      std::copy(total, total + w, above.begin());
+    }
+  }
+}
+
+}  // extern "C"
