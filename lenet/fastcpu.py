@@ -393,14 +393,18 @@ class FusedInference(nn.Module):
 
     def _numpy_parameters(self) -> list[np.ndarray] | None:
         """The wrapped model's parameters as contiguous numpy views, kept while the tensors stay where they
-        are (an optimizer's steps update them in place); None where one is not float32."""
+        are (an optimizer's steps update them in place); None where one is not float32. Copies of tensors
+        that are not contiguous are made at every call, so that they too follow such updates."""
         net = self._net()
         tensors = [t for m in (net.conv1, net.conv2, net.fc1, net.fc2, net.fc3) for t in (m.weight, m.bias)]
         where = tuple(t.data_ptr() for t in tensors)
         if where != self._arrays[0]:
             if any(t.dtype != torch.float32 for t in tensors):
                 return None
-            self._arrays = where, [np.ascontiguousarray(t.detach().numpy()) for t in tensors]
+            arrays = [np.ascontiguousarray(t.detach().numpy()) for t in tensors]
+            if not all(t.is_contiguous() for t in tensors):
+                return arrays
+            self._arrays = where, arrays
         return self._arrays[1]
 
 

@@ -203,6 +203,11 @@ def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, m
     model.fc2.weight = torch.nn.Parameter(torch.randn_like(model.fc2.weight))  # a parameter replaced
     for n in (40, 100):
         torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
+    model.fc1.weight = torch.nn.Parameter(model.fc1.weight.detach().t().contiguous().t())  # not contiguous
+    torch.testing.assert_close(*plain_then_kernel(40), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.fc1.weight.mul_(0.5)
+    torch.testing.assert_close(*plain_then_kernel(40), rtol=1e-5, atol=1e-6)
     expected = [plain_then_kernel(n)[1] for n in (40, 100)]
     model.train()  # predictions are the eval-mode function (no dropout), and the model is left training
     for n, eval_mode in zip((40, 100), expected, strict=True):
