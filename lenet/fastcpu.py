@@ -353,7 +353,7 @@ class FusedInference(nn.Module):
             or not x.is_cpu
             or x.shape[1:] != (1, 28, 28)
             or x.dtype != torch.float32
-            or any(t.dtype != torch.float32 for m in (c1, c2, f1, f2, f3) for t in (m.weight, m.bias))
+            or any(t.dtype != torch.float32 for t in _parameters(net))
         ):
             return _in_eval_mode(net, x)
         x = x.contiguous()
@@ -395,8 +395,7 @@ class FusedInference(nn.Module):
         """The wrapped model's parameters as contiguous numpy views, kept while the tensors stay where they
         are (an optimizer's steps update them in place); None where one is not float32. Copies of tensors
         that are not contiguous are made at every call, so that they too follow such updates."""
-        net = self._net()
-        tensors = [t for m in (net.conv1, net.conv2, net.fc1, net.fc2, net.fc3) for t in (m.weight, m.bias)]
+        tensors = _parameters(self._net())
         where = tuple(t.data_ptr() for t in tensors)
         if where != self._arrays[0]:
             if any(t.dtype != torch.float32 for t in tensors):
@@ -406,6 +405,11 @@ class FusedInference(nn.Module):
                 return arrays
             self._arrays = where, arrays
         return self._arrays[1]
+
+
+def _parameters(net: nn.Sequential) -> list[torch.Tensor]:
+    """The weight and bias of conv1, conv2, fc1, fc2 and fc3, in that order: what the fused paths read."""
+    return [t for m in (net.conv1, net.conv2, net.fc1, net.fc2, net.fc3) for t in (m.weight, m.bias)]
 
 
 @functools.lru_cache(maxsize=16)

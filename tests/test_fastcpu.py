@@ -190,8 +190,9 @@ def test_predictions_in_the_kernel_are_the_models_and_follow_its_weights(name, m
 
     # within one block of samples, a whole one, across blocks; finished in numpy up to NUMPY_BATCH, beyond
     for n in (2, 13, 16, 17, 40, predict.NUMPY_BATCH, predict.NUMPY_BATCH + 1, 100):
-        torch.testing.assert_close(*plain_then_kernel(n), rtol=1e-5, atol=1e-6)
-        assert plain_then_kernel(n)[0].dtype == torch.float32
+        probabilities, expected = plain_then_kernel(n)
+        torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
+        assert probabilities.dtype == torch.float32
     with monkeypatch.context() as patch, pytest.raises(TypeError):  # kernel=False: the plain layers run
         patch.setattr(model.conv1, "forward", None)
         predict.predict(model, images, mean, std, kernel=False)
